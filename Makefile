@@ -1,0 +1,25 @@
+# Fresh-machine entry points: `make demo` and `make test` (README, first section).
+PYTHON ?= python3.11
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.PHONY: demo test install clean
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e ".[test]"
+	touch $(STAMP)
+
+install: $(STAMP)
+
+demo: $(STAMP)
+	$(VENV)/bin/changedet detect --t1 data/sample/oscd_bercy/imgs_1 --t2 data/sample/oscd_bercy/imgs_2 --out outputs/demo --overwrite
+	$(VENV)/bin/changedet evaluate --pred outputs/demo/change_mask.tif --label data/sample/oscd_bercy/cm/bercy-cm.tif
+
+test: $(STAMP)
+	$(VENV)/bin/python -m pytest -q
+
+clean:
+	rm -rf $(VENV) outputs .pytest_cache

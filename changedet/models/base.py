@@ -1,0 +1,39 @@
+"""Base class of every registered change model (neural or classical)."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from changedet.models.output import ChangeOutput
+
+
+class ChangeModel(nn.Module):
+    """A bi-temporal change model: ``forward(t1, t2) -> ChangeOutput``.
+
+    Subclasses set:
+        in_channels: bands of date 1 and date 2 (equal for weight-shared Siamese models).
+        weights_shared: True when both dates pass through one encoder (one parameter set).
+        needs_scene_fit: True for scene-adaptive classical methods (e.g. CVA) that must see
+            samples of the scene (:meth:`fit_scene`) before predicting.
+    """
+
+    in_channels: tuple[int, int] = (3, 3)
+    weights_shared: bool = True
+    needs_scene_fit: bool = False
+
+    def forward(self, t1: torch.Tensor, t2: torch.Tensor) -> ChangeOutput:  # pragma: no cover
+        raise NotImplementedError
+
+    def fit_scene(self, t1: torch.Tensor, t2: torch.Tensor, valid: torch.Tensor) -> None:
+        """Adapt scene statistics from pixel samples ``(N, C)``; a no-op for trained models."""
+
+    @torch.inference_mode()
+    def predict(self, t1: torch.Tensor, t2: torch.Tensor) -> ChangeOutput:
+        """Forward pass in eval mode without autograd."""
+        was_training = self.training
+        self.eval()
+        try:
+            return self(t1, t2)
+        finally:
+            self.train(was_training)

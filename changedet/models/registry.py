@@ -1,0 +1,55 @@
+"""Model registry in the style of timm: ``@register_model`` / ``create_model`` / ``list_models``."""
+
+from __future__ import annotations
+
+import fnmatch
+from dataclasses import dataclass
+from typing import Callable
+
+from changedet.errors import ModelError
+from changedet.models.base import ChangeModel
+
+
+@dataclass(frozen=True)
+class ModelEntry:
+    """A registered model constructor and its description."""
+
+    name: str
+    family: str
+    builder: Callable[..., ChangeModel]
+    description: str
+
+
+_REGISTRY: dict[str, ModelEntry] = {}
+
+
+def register_model(name: str, family: str, description: str = "") -> Callable:
+    """Decorator registering ``builder(**cfg) -> ChangeModel`` under ``name``."""
+
+    def wrap(builder: Callable[..., ChangeModel]) -> Callable[..., ChangeModel]:
+        if name in _REGISTRY:
+            raise ValueError(f"model {name!r} registered twice")
+        _REGISTRY[name] = ModelEntry(name, family, builder, description or (builder.__doc__ or "").strip())
+        return builder
+
+    return wrap
+
+
+def list_models(pattern: str = "*", family: str | None = None) -> list[str]:
+    """Sorted names of registered models matching a glob ``pattern`` (and ``family`` if given)."""
+    return sorted(
+        n for n, e in _REGISTRY.items() if fnmatch.fnmatch(n, pattern) and (family is None or e.family == family)
+    )
+
+
+def model_entry(name: str) -> ModelEntry:
+    """The registry entry for ``name``; :class:`ModelError` naming the valid choices otherwise."""
+    try:
+        return _REGISTRY[name]
+    except KeyError:
+        raise ModelError(f"unknown model {name!r}; registered models: {', '.join(list_models())}") from None
+
+
+def create_model(name: str, **cfg) -> ChangeModel:
+    """Build the registered model ``name`` with keyword configuration ``cfg``."""
+    return model_entry(name).builder(**cfg)
