@@ -1,0 +1,247 @@
+"""Put two dates on one common grid and read aligned windows lazily.
+
+:func:`align_pair` only decides the target grid (no pixels are read). :class:`PairReader` then reads
+any window of that grid for both dates: bands already on the grid's pixel lattice are read directly
+(windowed), every other band goes through a GDAL ``WarpedVRT`` (on-the-fly reprojection/resampling,
+never a full-scene copy). Invalid pixels (nodata, masks, NaN, outside a footprint) of every band of
+both dates are combined into one valid-data mask.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import rasterio
+from rasterio.crs import CRS
+from rasterio.enums import Resampling
+from rasterio.errors import NotGeoreferencedWarning
+from rasterio.vrt import WarpedVRT
+from rasterio.windows import Window
+
+from changedet.errors import GridError, InputError
+from changedet.grid import Grid
+from changedet.io.scene import BandSource, Scene
+
+RESAMPLING_CHOICES = ("nearest", "bilinear", "cubic", "average", "lanczos")
+
+
+@dataclass(frozen=True)
+class AlignedPair:
+    """Two scenes and the common ``grid`` they are read on.
+
+    ``reference`` is t1's grid before intersection (the OSCD label grid, for instance).
+    """
+
+    t1: Scene
+    t2: Scene
+    grid: Grid
+    reference: Grid
+    resampling: str = "bilinear"
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-friendly description for ``run.json``."""
+        return {
+            "t1": {"source": self.t1.source, "bands": list(self.t1.band_names)},
+            "t2": {"source": self.t2.source, "bands": list(self.t2.band_names)},
+            "grid": self.grid.to_dict(),
+            "reference_grid": self.reference.to_dict(),
+            "resampling": self.resampling,
+        }
+
+
+def _check_bands(t1: Scene, t2: Scene, allow_different_bands: bool) -> None:
+    if allow_different_bands:
+        return
+    if t1.count != t2.count:
+        raise InputError(
+            f"band count differs between dates: t1 has {t1.count} ({', '.join(t1.band_names)}), "
+            f"t2 has {t2.count} ({', '.join(t2.band_names)}); select common bands with --bands"
+        )
+    if t1.band_names != t2.band_names:
+        diff = [f"{a}!={b}" for a, b in zip(t1.band_names, t2.band_names) if a != b]
+        raise InputError(f"band names differ between dates: {', '.join(diff)}")
+
+
+def _check_crs(t1: Scene, t2: Scene) -> bool:
+    """True when every band is georeferenced; False when none is; GridError when mixed."""
+    bands = [("t1", b) for b in t1.bands] + [("t2", b) for b in t2.bands]
+    with_crs = [(d, b) for d, b in bands if b.grid.crs is not None]
+    if len(with_crs) == len(bands):
+        return True
+    if not with_crs:
+        return False
+    date, band = next((d, b) for d, b in bands if b.grid.crs is None)
+    ref_date, ref = with_crs[0]
+    raise GridError(
+        f"{date} band {band.name} ({band.path}) has no CRS but {ref_date} is in {ref.grid.crs.to_string()}: "
+        "georeference it, or give both dates as plain pixel grids"
+    )
+
+
+def align_pair(
+    t1: Scene,
+    t2: Scene,
+    crs: str | CRS | None = None,
+    resolution: float | None = None,
+    resampling: str = "bilinear",
+    allow_different_bands: bool = False,
+) -> AlignedPair:
+    """Choose the common grid of two dates.
+
+    The target grid is t1's finest band grid (optionally reprojected to ``crs`` and/or
+    ``resolution``), clipped to the intersection of all band footprints of both dates.
+    Scenes without CRS on both sides are treated as pixel grids aligned at the upper-left corner
+    (with a warning).
+
+    Raises:
+        InputError: band sets differ between dates (unless ``allow_different_bands``).
+        GridError: CRS missing on one side only, no overlap, bad ``crs``/``resolution``.
+    """
+    if resampling not in RESAMPLING_CHOICES:
+        raise InputError(f"unknown resampling {resampling!r}; choose one of {', '.join(RESAMPLING_CHOICES)}")
+    _check_bands(t1, t2, allow_different_bands)
+    georeferenced = _check_crs(t1, t2)
+    reference = t1.finest_band().grid
+    if not georeferenced:
+        if crs is not None or resolution is not None:
+            raise GridError("--crs/--resolution need georeferenced inputs; these scenes have no CRS")
+        warnings.warn(
+            "inputs have no georeference: treating them as pixel grids aligned at the upper-left corner",
+            NotGeoreferencedWarning,
+            stacklevel=2,
+        )
+        height = min(b.grid.height for b in t1.bands + t2.bands)
+        width = min(b.grid.width for b in t1.bands + t2.bands)
+        grid = Grid(None, reference.transform, width, height)
+        return AlignedPair(t1, t2, grid, reference, resampling)
+    if resolution is not None and not resolution > 0:
+        raise GridError(f"--resolution must be positive, got {resolution}")
+    try:
+        target_crs = CRS.from_user_input(crs) if crs is not None else None
+    except Exception:  # rasterio raises CRSError subclasses of several bases
+        raise GridError(f"invalid CRS {crs!r} (expected e.g. EPSG:32631)") from None
+    grid = reference.reprojected(target_crs, resolution)
+    for band in t1.bands + t2.bands:
+        grid = grid.clip_to_bounds(band.grid.bounds_in(grid.crs))
+    return AlignedPair(t1, t2, grid, reference if grid.same_lattice(reference) else grid, resampling)
+
+
+class _FileReader:
+    """Reads the requested bands of one file on the target grid (direct window or WarpedVRT)."""
+
+    def __init__(self, path: str, bands: list[BandSource], grid: Grid, resampling: str) -> None:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", NotGeoreferencedWarning)
+            self.dataset = rasterio.open(path)
+        self.indexes = [b.index for b in bands]
+        self.nodata = [b.nodata for b in bands]
+        own = bands[0].grid
+        self.offset: Window | None = None
+        self.vrt: WarpedVRT | None = None
+        try:
+            window = own.window_of(grid)
+            inside = window.col_off >= 0 and window.row_off >= 0
+            inside = inside and window.col_off + window.width <= own.width
+            inside = inside and window.row_off + window.height <= own.height
+            if inside or grid.crs is None:
+                self.offset = window
+        except GridError:
+            pass
+        if self.offset is None:
+            finer = own.res[0] * own.res[1] < grid.res[0] * grid.res[1]
+            method = Resampling.average if finer else Resampling[resampling]
+            self.vrt = WarpedVRT(
+                self.dataset,
+                crs=grid.crs,
+                transform=grid.transform,
+                width=grid.width,
+                height=grid.height,
+                resampling=method,
+                add_alpha=True,
+                src_nodata=bands[0].nodata,
+            )
+
+    def read(self, window: Window) -> tuple[np.ndarray, np.ndarray]:
+        """Bands ``(n, h, w)`` as float32 and a valid mask ``(h, w)``."""
+        if self.vrt is not None:
+            data = self.vrt.read(self.indexes + [self.vrt.count], window=window)
+            values, valid = data[:-1].astype(np.float32), data[-1] > 0
+        else:
+            src_window = Window(
+                window.col_off + self.offset.col_off, window.row_off + self.offset.row_off, window.width, window.height
+            )
+            values = self.dataset.read(self.indexes, window=src_window).astype(np.float32)
+            valid = np.all(self.dataset.read_masks(self.indexes, window=src_window) > 0, axis=0)
+            for band, nodata in zip(values, self.nodata):
+                if nodata is not None and not np.isnan(nodata):
+                    valid &= band != np.float32(nodata)
+        valid &= np.all(np.isfinite(values), axis=0)
+        return values, valid
+
+    def close(self) -> None:
+        if self.vrt is not None:
+            self.vrt.close()
+        self.dataset.close()
+
+
+class PairReader:
+    """Context manager reading aligned windows of both dates: ``read(window) -> (x1, x2, valid)``."""
+
+    def __init__(self, pair: AlignedPair) -> None:
+        self.pair = pair
+        self._readers: list[tuple[list[_FileReader], list[list[int]]]] = []
+
+    def __enter__(self) -> "PairReader":
+        try:
+            for scene in (self.pair.t1, self.pair.t2):
+                self._readers.append(self._open_scene(scene))
+        except Exception:
+            self.close()
+            raise
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _open_scene(self, scene: Scene) -> tuple[list[_FileReader], list[list[int]]]:
+        groups: dict[str, list[int]] = {}
+        for position, band in enumerate(scene.bands):
+            groups.setdefault(band.path, []).append(position)
+        readers, positions = [], []
+        for path, pos in groups.items():
+            try:
+                readers.append(_FileReader(path, [scene.bands[p] for p in pos], self.pair.grid, self.pair.resampling))
+            except rasterio.errors.RasterioIOError as exc:
+                raise InputError(f"cannot read raster {path}: {exc}") from None
+            positions.append(pos)
+        return readers, positions
+
+    def _read_scene(self, index: int, window: Window) -> tuple[np.ndarray, np.ndarray]:
+        readers, positions = self._readers[index]
+        count = sum(len(p) for p in positions)
+        out = np.empty((count, int(window.height), int(window.width)), np.float32)
+        valid = np.ones((int(window.height), int(window.width)), bool)
+        for reader, pos in zip(readers, positions):
+            try:
+                values, ok = reader.read(window)
+            except rasterio.errors.RasterioIOError as exc:
+                raise InputError(f"cannot read {reader.dataset.name}: {str(exc).splitlines()[0]}") from None
+            out[pos] = values
+            valid &= ok
+        return out, valid
+
+    def read(self, window: Window) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Aligned ``x1 (C1, h, w)``, ``x2 (C2, h, w)`` float32 and the joint valid mask ``(h, w)``."""
+        x1, v1 = self._read_scene(0, window)
+        x2, v2 = self._read_scene(1, window)
+        return x1, x2, v1 & v2
+
+    def close(self) -> None:
+        """Close every open dataset."""
+        for readers, _ in self._readers:
+            for reader in readers:
+                reader.close()
+        self._readers = []

@@ -1,0 +1,136 @@
+"""Command line: ``changedet detect``, ``changedet evaluate``, ``changedet models``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import warnings
+from typing import Sequence
+
+from rasterio.errors import RasterioError
+
+from changedet.errors import ChangeDetError
+
+
+def _bands(value: str) -> list[str]:
+    return [v.strip() for v in value.split(",") if v.strip()]
+
+
+def _add_detect(sub: argparse._SubParsersAction) -> None:
+    from changedet.predictor import DEFAULT_MODEL
+
+    p = sub.add_parser("detect", help="detect changes between two dates and write georeferenced maps")
+    p.add_argument("--t1", required=True, help="date 1: raster file, folder of per-band files, or glob")
+    p.add_argument("--t2", required=True, help="date 2: same forms as --t1")
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--model", default=DEFAULT_MODEL, help=f"registry name or checkpoint path (default {DEFAULT_MODEL})")
+    p.add_argument("--tile", type=int, default=256, help="tile size in pixels (default 256)")
+    p.add_argument("--overlap", type=int, default=32, help="tile overlap in pixels (default 32)")
+    p.add_argument("--threshold", type=float, default=None, help="probability threshold (default: model's, else 0.5)")
+    p.add_argument("--crs", default=None, help="target CRS, e.g. EPSG:32631 (default: t1's)")
+    p.add_argument("--resolution", type=float, default=None, help="target pixel size in CRS units (default: t1's finest)")
+    p.add_argument("--bands", type=_bands, default=None, help="comma-separated band names or 1-based indexes")
+    p.add_argument("--nodata", type=float, default=None, help="nodata value for inputs that declare none")
+    p.add_argument("--resampling", default="bilinear", help="resampling for up-sampled bands (default bilinear)")
+    p.add_argument("--blend", default="cosine", choices=["cosine", "mean"], help="overlap blending (default cosine)")
+    p.add_argument("--batch-size", type=int, default=8, help="tiles per model call (default 8)")
+    p.add_argument("--device", default="cpu", help="cpu or cuda")
+    p.add_argument("--overwrite", action="store_true", help="replace existing outputs in --out")
+    p.add_argument("--quiet", action="store_true", help="no progress bar or summary")
+
+
+def _add_evaluate(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("evaluate", help="metrics of a change mask against a label raster")
+    p.add_argument("--pred", required=True, help="change_mask.tif written by detect")
+    p.add_argument("--label", required=True, help="label raster (georeferenced, or on the t1 pixel grid)")
+    p.add_argument("--change-value", type=int, default=None, help="label value meaning change (default: inferred)")
+    p.add_argument("--ignore-value", type=int, action="append", default=None, help="label value to skip (repeatable)")
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+
+
+def _run_detect(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from changedet.detect import DetectParams, detect_changes
+
+    params = DetectParams(
+        model=args.model, tile=args.tile, overlap=args.overlap, threshold=args.threshold, crs=args.crs,
+        resolution=args.resolution, bands=args.bands, nodata=args.nodata, resampling=args.resampling,
+        blend=args.blend, batch_size=args.batch_size, device=args.device,
+    )
+    bar = None
+
+    def on_prepared(run) -> None:
+        nonlocal bar
+        bar = tqdm(total=len(run.tiles), unit="tile", desc="detect", disable=args.quiet or not sys.stderr.isatty())
+
+    try:
+        result = detect_changes(args.t1, args.t2, args.out, params, args.overwrite, lambda n: bar.update(n), on_prepared)
+    finally:
+        if bar is not None:
+            bar.close()
+    if not args.quiet:
+        s = result.summary
+        grid = s["grid"]
+        print(f"outputs in {result.out_dir}/ ({', '.join(s['outputs'])})")
+        print(f"grid {grid['height']}x{grid['width']} px, EPSG:{grid['epsg']}; model {s['model']['name']}, threshold {s['threshold']:.3f}")
+        print(
+            f"changed {s['counts']['changed_pixels']} of {s['counts']['valid_pixels']} valid px, "
+            f"{s['changes']['regions']} regions, {s['changes']['changed_area_ha']:.2f} ha; {s['timings']['total_s']:.2f} s"
+        )
+    return 0
+
+
+def _run_evaluate(args: argparse.Namespace) -> int:
+    from changedet.evaluate import evaluate_mask
+
+    ignore = set(args.ignore_value) if args.ignore_value else None
+    metrics = evaluate_mask(args.pred, args.label, args.change_value, ignore)
+    if args.json:
+        print(json.dumps(metrics, indent=2))
+    else:
+        for key in ("precision", "recall", "f1", "iou", "oa", "kappa"):
+            print(f"{key:>9}  {metrics[key]:.4f}")
+        print(f"{'pixels':>9}  tp={metrics['tp']} fp={metrics['fp']} fn={metrics['fn']} tn={metrics['tn']}")
+    return 0
+
+
+def _run_models(args: argparse.Namespace) -> int:
+    from changedet.models import list_models, model_entry
+
+    for name in list_models():
+        entry = model_entry(name)
+        print(f"{name:28s} {entry.family:16s} {entry.description.splitlines()[0] if entry.description else ''}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``changedet`` argument parser."""
+    parser = argparse.ArgumentParser(prog="changedet", description="Change detection for two co-located rasters.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    _add_detect(sub)
+    _add_evaluate(sub)
+    sub.add_parser("models", help="list registered models")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point; returns the exit status (2 with ``error: <reason>`` for bad input)."""
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s")
+    warnings.formatwarning = lambda msg, cat, *a, **k: f"warning: {msg}\n"
+    runners = {"detect": _run_detect, "evaluate": _run_evaluate, "models": _run_models}
+    try:
+        return runners[args.command](args)
+    except ChangeDetError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except RasterioError as exc:
+        print(f"error: {str(exc).splitlines()[0]}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Raster input (scenes made of band sources) and output (COG writers, GeoPackage)."""

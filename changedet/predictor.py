@@ -1,0 +1,121 @@
+"""From a model name or checkpoint to a tile predictor: normalisation, batching, device, timing."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from changedet.checkpoint import load_state_dict, read_metadata
+from changedet.errors import ModelError
+from changedet.models import ChangeModel, create_model, model_entry
+
+DEFAULT_MODEL = "cva"
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """A resolved ``--model``: a registry name, or a checkpoint with its metadata."""
+
+    name: str
+    checkpoint: Path | None = None
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def bands(self) -> tuple[list[str], list[str]] | None:
+        """Band names the checkpoint was trained on, per date (None for untrained registry models)."""
+        bands = self.metadata.get("bands")
+        if bands is None:
+            return None
+        return (bands["t1"], bands["t2"]) if isinstance(bands, dict) else (list(bands), list(bands))
+
+    @property
+    def trained(self) -> bool:
+        """True for checkpoints; registry models start from scratch (CVA needs no training)."""
+        return self.checkpoint is not None
+
+    def describe(self) -> dict[str, Any]:
+        """JSON-friendly description for ``run.json``."""
+        meta = {k: v for k, v in self.metadata.items() if k not in ("normalization",)}
+        return {"name": self.name, "checkpoint": str(self.checkpoint) if self.checkpoint else None, **meta}
+
+
+def resolve_model(spec: str) -> ModelSpec:
+    """Interpret ``--model``: an existing file is a checkpoint, anything else a registry name."""
+    path = Path(spec)
+    if path.suffix in (".safetensors", ".pt", ".pth") or path.exists():
+        metadata = read_metadata(path)
+        model_entry(metadata["model"])
+        return ModelSpec(metadata["model"], path, metadata)
+    model_entry(spec)
+    return ModelSpec(spec)
+
+
+def resolve_device(device: str) -> torch.device:
+    """``cpu``, ``cuda`` or ``cuda:N``; a clear error when CUDA is asked for but absent."""
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ModelError("--device cuda requested but no CUDA device is available")
+    try:
+        return torch.device(device)
+    except RuntimeError:
+        raise ModelError(f"unknown device {device!r} (use cpu or cuda)") from None
+
+
+class TilePredictor:
+    """Runs a :class:`ChangeModel` on batches of aligned tiles and returns probability and difference."""
+
+    def __init__(self, spec: ModelSpec, in_channels: tuple[int, int], device: str = "cpu") -> None:
+        self.spec = spec
+        self.device = resolve_device(device)
+        config = {**spec.metadata.get("config", {}), "in_channels": in_channels[0] if in_channels[0] == in_channels[1] else in_channels}
+        self.model: ChangeModel = create_model(spec.name, **config)
+        if spec.checkpoint is not None:
+            state = load_state_dict(spec.checkpoint)
+            try:
+                self.model.load_state_dict(state)
+            except RuntimeError as exc:
+                raise ModelError(f"checkpoint {spec.checkpoint} does not fit model {spec.name}: {str(exc).splitlines()[0]}") from None
+        self.model.to(self.device).eval()
+        norm = spec.metadata.get("normalization")
+        self.normalization = None if norm is None else tuple(
+            (np.asarray(norm[d]["mean"], np.float32), np.asarray(norm[d]["std"], np.float32)) for d in ("t1", "t2")
+        )
+        self.model_seconds = 0.0
+
+    @property
+    def needs_samples(self) -> bool:
+        """True when the scene must be sampled first (scene-adaptive model or no stored statistics)."""
+        return self.model.needs_scene_fit or self.normalization is None
+
+    def fit_scene(self, x1: np.ndarray, x2: np.ndarray) -> None:
+        """Scene statistics from valid pixel samples ``(N, C)`` of each date."""
+        if self.normalization is None:
+            self.normalization = tuple(
+                (x.mean(0).astype(np.float32), np.maximum(x.std(0), 1e-6).astype(np.float32)) for x in (x1, x2)
+            )
+        if self.model.needs_scene_fit:
+            t1, t2 = (torch.from_numpy(self._normalize(x[..., None, None], d))[..., 0, 0] for d, x in enumerate((x1, x2)))
+            self.model.fit_scene(t1, t2, torch.ones(len(x1), dtype=torch.bool))
+
+    def _normalize(self, x: np.ndarray, date: int) -> np.ndarray:
+        mean, std = self.normalization[date]
+        return (x - mean[:, None, None]) / std[:, None, None]
+
+    def predict(self, x1: np.ndarray, x2: np.ndarray, valid: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """``x1, x2 (B, C, h, w)``, ``valid (B, h, w)`` -> probability and difference ``(B, h, w)``."""
+        if self.normalization is None:
+            raise ModelError("TilePredictor.fit_scene must run before predict for a model without statistics")
+        z1 = np.where(valid[:, None], self._normalize(x1, 0), 0).astype(np.float32)
+        z2 = np.where(valid[:, None], self._normalize(x2, 1), 0).astype(np.float32)
+        t1 = torch.from_numpy(z1).to(self.device)
+        t2 = torch.from_numpy(z2).to(self.device)
+        start = time.perf_counter()
+        out = self.model.predict(t1, t2)
+        prob = out.probability[:, 0].float().cpu().numpy()
+        diff = out.difference[:, 0].float().cpu().numpy()
+        self.model_seconds += time.perf_counter() - start
+        return prob, diff
