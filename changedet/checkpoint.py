@@ -60,4 +60,6 @@ def load_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     except (SafetensorError, RuntimeError, OSError, EOFError) as exc:
         raise ModelError(f"cannot load weights from {path}: {str(exc).splitlines()[0]}") from None
     except Exception as exc:  # torch's weights_only unpickler raises UnpicklingError for payloads
-        raise ModelError(f"refusing to load {path}: {type(exc).__name__}: {str(exc).splitlines()[0]}") from None
+        raise ModelError(
+            f"refusing to load {path}: not a plain tensor state dict ({type(exc).__name__} from the weights_only loader)"
+        ) from None

@@ -14,7 +14,8 @@ from pathlib import Path
 from typing import Sequence
 
 import rasterio
-from rasterio.errors import NotGeoreferencedWarning, RasterioIOError
+from rasterio.errors import NotGeoreferencedWarning, RasterioError, RasterioIOError
+from rasterio.windows import Window
 
 from changedet.errors import InputError
 from changedet.grid import Grid
@@ -73,9 +74,11 @@ def _band_sources(path: str, name_prefix: str | None, nodata: float | None) -> l
     with _open(path) as ds:
         if ds.count == 0 or ds.width == 0 or ds.height == 0:
             raise InputError(f"raster {path} is empty ({ds.count} bands, {ds.height}x{ds.width} px)")
+        try:  # the last pixel lives in the last block: a truncated file fails here, not mid-run
+            ds.read(1, window=Window(ds.width - 1, ds.height - 1, 1, 1))
+        except RasterioError as exc:
+            raise InputError(f"raster {path} is truncated or corrupt: {str(exc).splitlines()[0]}") from None
         grid = Grid.from_dataset(ds)
-        if grid.crs is None and not ds.transform.is_identity:
-            grid = Grid(None, ds.transform, ds.width, ds.height)
         sources = []
         for i in range(1, ds.count + 1):
             if name_prefix is not None:

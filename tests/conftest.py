@@ -1,0 +1,56 @@
+"""Shared fixtures: the bundled OSCD sample, ../shared/data (optional) and tiny generated rasters."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import rasterio
+from affine import Affine
+
+REPO = Path(__file__).resolve().parents[1]
+SAMPLE = REPO / "data" / "sample" / "oscd_bercy"
+SHARED = REPO.parent / "shared" / "data"
+
+
+@pytest.fixture(scope="session")
+def sample_city() -> Path:
+    """The bundled OSCD city (always present in the repo)."""
+    assert SAMPLE.is_dir(), "data/sample/oscd_bercy is part of the repo"
+    return SAMPLE
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    """../shared/data, or skip with the reason (a fresh clone does not have it)."""
+    if not (SHARED / "oscd").is_dir():
+        pytest.skip(f"needs the shared real data at {SHARED} (not part of a fresh clone)")
+    return SHARED
+
+
+def write_raster(
+    path: Path,
+    data: np.ndarray,
+    crs: str | None = "EPSG:32631",
+    transform: Affine | None = None,
+    nodata: float | None = None,
+) -> Path:
+    """Write ``data`` ``(bands, h, w)`` (or ``(h, w)``) as a GeoTIFF; returns the path."""
+    data = data[None] if data.ndim == 2 else data
+    transform = transform or Affine(10.0, 0, 500000.0, 0, -10.0, 5400000.0)
+    profile = dict(driver="GTiff", width=data.shape[2], height=data.shape[1], count=data.shape[0],
+                   dtype=data.dtype.name, crs=crs, transform=transform if crs else Affine.identity(), nodata=nodata)
+    with rasterio.open(path, "w", **profile) as dst:
+        dst.write(data)
+    return path
+
+
+@pytest.fixture
+def make_raster(tmp_path: Path):
+    """Factory writing small GeoTIFFs into the test's temp folder."""
+
+    def make(name: str, data: np.ndarray, **kwargs) -> Path:
+        return write_raster(tmp_path / name, data, **kwargs)
+
+    return make
