@@ -62,12 +62,12 @@ def _run_detect(args: argparse.Namespace) -> int:
     )
     bar = None
 
-    def on_prepared(run) -> None:
+    def on_planned(plan) -> None:
         nonlocal bar
-        bar = tqdm(total=len(run.tiles), unit="tile", desc="detect", disable=args.quiet or not sys.stderr.isatty())
+        bar = tqdm(total=len(plan.tiles), unit="tile", desc="detect", disable=args.quiet or not sys.stderr.isatty())
 
     try:
-        result = detect_changes(args.t1, args.t2, args.out, params, args.overwrite, lambda n: bar.update(n), on_prepared)
+        result = detect_changes(args.t1, args.t2, args.out, params, args.overwrite, lambda n: bar.update(n), on_planned)
     finally:
         if bar is not None:
             bar.close()

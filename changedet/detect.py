@@ -1,19 +1,30 @@
 """End-to-end change detection: two scenes in, georeferenced change maps out.
 
-Each step is a plain function so that orchestration (the CLI, Prefect flows) can call them one by
-one: :func:`prepare_run` (open + align + model), :func:`sample_scene`, :func:`predict_to_rasters`,
-:func:`finalize_outputs`. :func:`detect_changes` chains them.
+The run is split into plain functions that orchestration (the CLI, Prefect flows on Dask) calls
+step by step:
+
+1. :func:`plan_run` — open and align both dates, resolve the model, fit scene statistics, plan tiles
+   and fixed tile batches, fingerprint the content of inputs + model + parameters (:class:`RunPlan`,
+   picklable, small);
+2. :func:`predict_batch` — predict one batch of tiles into a :class:`~changedet.tilestore.TileStore`
+   (any process; readers and models are cached per process);
+3. :func:`write_outputs` — blend the stored tiles into COGs, polygonise, write ``run.json``, and move
+   everything into the output folder atomically.
+
+:func:`detect_changes` chains them in one process.
 """
 
 from __future__ import annotations
 
+import hashlib
+import shutil
 import json
 import platform
 import resource
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import rasterio
@@ -26,8 +37,9 @@ from changedet.io.polygons import polygonize_mask
 from changedet.io.scene import open_scene
 from changedet.io.writers import BlockRasterWriter, OutputStaging, write_cog
 from changedet.mosaic import StreamingMosaic
-from changedet.predictor import DEFAULT_MODEL, ModelSpec, TilePredictor, resolve_model
+from changedet.predictor import DEFAULT_MODEL, ModelSpec, SceneFit, TilePredictor, resolve_model
 from changedet.tiling import Tile, plan_tiles, validate_tiling
+from changedet.tilestore import TileStore
 
 PROBABILITY = "change_probability.tif"
 MASK = "change_mask.tif"
@@ -37,6 +49,7 @@ RUN_JSON = "run.json"
 OUTPUT_NAMES = [PROBABILITY, MASK, DIFFERENCE, POLYGONS, RUN_JSON]
 FLOAT_NODATA = -9999.0
 MASK_NODATA = 255
+TILE_STORE_DIR = ".changedet-tiles"
 
 
 @dataclass
@@ -68,22 +81,67 @@ class DetectParams:
 
 
 @dataclass
-class PreparedRun:
-    """Everything decided before reading pixels: the aligned pair, tile plan and predictor."""
+class RunPlan:
+    """Everything decided before predicting: small and picklable (sent to Dask workers)."""
 
     pair: AlignedPair
     tiles: list[Tile]
-    predictor: TilePredictor
+    batches: list[list[int]]
+    spec: ModelSpec
     params: DetectParams
     threshold: float
+    scene_fit: SceneFit
+    fingerprint: str
     timings: dict[str, float] = field(default_factory=dict)
 
 
-def prepare_run(t1: str | Path, t2: str | Path, params: DetectParams) -> PreparedRun:
-    """Open both dates, resolve the model (choosing its bands), align to a common grid, plan tiles."""
+def _hash_file(path: str, digest: "hashlib._Hash", chunk: int = 1 << 22) -> None:
+    with open(path, "rb") as fh:
+        while block := fh.read(chunk):
+            digest.update(block)
+
+
+def content_fingerprint(pair: AlignedPair, spec: ModelSpec, params: DetectParams) -> str:
+    """Hash of the input files' bytes, the model (checkpoint bytes or name+config) and every
+    parameter that changes predictions — not of paths, so renamed or moved inputs still match."""
+    digest = hashlib.blake2b(digest_size=16)
+    for scene in (pair.t1, pair.t2):
+        for path in dict.fromkeys(b.path for b in scene.bands):
+            _hash_file(path, digest)
+        digest.update(json.dumps([(b.name, b.index) for b in scene.bands]).encode())
+    if spec.checkpoint is not None:
+        _hash_file(str(spec.checkpoint), digest)
+    settings = {k: v for k, v in asdict(params).items() if k not in ("threshold", "device", "batch_size")}
+    settings.update(model=spec.name, grid=pair.grid.to_dict(), batch_size=params.batch_size)
+    digest.update(json.dumps(settings, sort_keys=True, default=str).encode())
+    return digest.hexdigest()
+
+
+def _sample_pixels(pair: AlignedPair, tiles: list[Tile], params: DetectParams, max_pixels: int = 200_000):
+    picks = np.unique(np.linspace(0, len(tiles) - 1, min(params.sample_tiles, len(tiles))).astype(int))
+    with PairReader(pair) as reader:
+        reads = [reader.read(tiles[i].window) for i in picks]
+        s1 = np.concatenate([x1[:, v].T for x1, _, v in reads])
+        s2 = np.concatenate([x2[:, v].T for _, x2, v in reads])
+        if len(s1) < 2:  # the spread sample missed the data: scan until some valid pixels turn up
+            for tile in tiles:
+                x1, x2, valid = reader.read(tile.window)
+                if valid.sum() >= 2:
+                    s1, s2 = x1[:, valid].T, x2[:, valid].T
+                    break
+            else:
+                raise InputError("no valid pixel where t1 and t2 overlap (all nodata/NaN)")
+    if len(s1) > max_pixels:
+        keep = np.random.default_rng(params.seed).choice(len(s1), max_pixels, replace=False)
+        s1, s2 = s1[keep], s2[keep]
+    return s1, s2
+
+
+def plan_run(t1: str | Path, t2: str | Path, params: DetectParams) -> RunPlan:
+    """Open both dates, resolve the model (choosing its bands), align, plan tiles, fit the scene."""
     start = time.perf_counter()
     params.validate()
-    spec: ModelSpec = resolve_model(params.model)
+    spec = resolve_model(params.model)
     bands1 = bands2 = list(params.bands) if params.bands else None
     if bands1 is None and spec.bands is not None:
         bands1, bands2 = spec.bands
@@ -92,94 +150,95 @@ def prepare_run(t1: str | Path, t2: str | Path, params: DetectParams) -> Prepare
     heterogeneous = not spec.metadata.get("config", {}).get("shared", True) or bands1 != bands2
     pair = align_pair(scene1, scene2, params.crs, params.resolution, params.resampling, heterogeneous)
     predictor = TilePredictor(spec, (scene1.count, scene2.count), params.device)
-    threshold = params.threshold if params.threshold is not None else float(spec.metadata.get("threshold", 0.5))
     tiles = plan_tiles(pair.grid.height, pair.grid.width, params.tile, params.overlap)
-    return PreparedRun(pair, tiles, predictor, params, threshold, {"prepare_s": time.perf_counter() - start})
-
-
-def sample_scene(run: PreparedRun, reader: PairReader, max_pixels: int = 200_000) -> None:
-    """Fit scene statistics from valid pixels of up to ``sample_tiles`` evenly spread tiles."""
-    if not run.predictor.needs_samples:
-        return
+    batches = [list(range(i, min(i + params.batch_size, len(tiles)))) for i in range(0, len(tiles), params.batch_size)]
+    threshold = params.threshold if params.threshold is not None else float(spec.metadata.get("threshold", 0.5))
+    timings = {"prepare_s": time.perf_counter() - start}
     start = time.perf_counter()
-    picks = np.unique(np.linspace(0, len(run.tiles) - 1, min(run.params.sample_tiles, len(run.tiles))).astype(int))
-    chunks1, chunks2 = [], []
-    for i in picks:
-        x1, x2, valid = reader.read(run.tiles[i].window)
-        chunks1.append(x1[:, valid].T)
-        chunks2.append(x2[:, valid].T)
-    s1, s2 = np.concatenate(chunks1), np.concatenate(chunks2)
-    if len(s1) < 2:
-        s1, s2 = _scan_for_valid(run, reader)
-    rng = np.random.default_rng(run.params.seed)
-    if len(s1) > max_pixels:
-        keep = rng.choice(len(s1), max_pixels, replace=False)
-        s1, s2 = s1[keep], s2[keep]
-    run.predictor.fit_scene(s1, s2)
-    run.timings["sample_s"] = time.perf_counter() - start
+    if predictor.needs_samples:
+        predictor.fit_scene(*_sample_pixels(pair, tiles, params))
+    timings["sample_s"] = time.perf_counter() - start
+    start = time.perf_counter()
+    fingerprint = content_fingerprint(pair, spec, params)
+    timings["fingerprint_s"] = time.perf_counter() - start
+    return RunPlan(pair, tiles, batches, spec, params, threshold, predictor.scene_fit(), fingerprint, timings)
 
 
-def _scan_for_valid(run: PreparedRun, reader: PairReader) -> tuple[np.ndarray, np.ndarray]:
-    for tile in run.tiles:
-        x1, x2, valid = reader.read(tile.window)
-        if valid.sum() >= 2:
-            return x1[:, valid].T, x2[:, valid].T
-    raise InputError("no valid pixel where t1 and t2 overlap (all nodata/NaN)")
+_WORKER_CACHE: dict[str, tuple[PairReader, TilePredictor]] = {}
 
 
-def _batches(tiles: list[Tile], size: int) -> Iterator[list[Tile]]:
-    for i in range(0, len(tiles), size):
-        yield tiles[i : i + size]
+def _worker_state(plan: RunPlan) -> tuple[PairReader, TilePredictor]:
+    """Open reader + model once per process and run (kept for later batches of the same run)."""
+    if plan.fingerprint not in _WORKER_CACHE:
+        for reader, _ in _WORKER_CACHE.values():
+            reader.close()
+        _WORKER_CACHE.clear()
+        predictor = TilePredictor(plan.spec, (plan.pair.t1.count, plan.pair.t2.count), plan.params.device)
+        predictor.load_scene_fit(plan.scene_fit)
+        _WORKER_CACHE[plan.fingerprint] = (PairReader(plan.pair).__enter__(), predictor)
+    return _WORKER_CACHE[plan.fingerprint]
 
 
-def predict_to_rasters(
-    run: PreparedRun,
-    reader: PairReader,
-    paths: dict[str, Path],
-    progress: Callable[[int], None] | None = None,
-) -> dict[str, int]:
-    """Predict every tile, blend, and stream probability/mask/difference rows into scratch GeoTIFFs.
+def open_tile_store(plan: RunPlan, root: str | Path) -> TileStore:
+    """The tile store of ``plan`` under ``root`` (reused when the fingerprint matches)."""
+    tile = plan.tiles[0]
+    return TileStore(Path(root) / plan.fingerprint, plan.fingerprint, len(plan.tiles), (tile.height, tile.width))
 
-    Returns pixel counts ``{"valid_pixels", "changed_pixels", "tiles", "skipped_tiles"}``.
-    """
-    grid = run.pair.grid
+
+def predict_batch(plan: RunPlan, batch: int, store_root: str | Path) -> dict[str, float]:
+    """Predict the tiles of ``plan.batches[batch]`` into the tile store; returns read/model seconds."""
+    reader, predictor = _worker_state(plan)
+    store = open_tile_store(plan, store_root)
+    tiles = [plan.tiles[i] for i in plan.batches[batch]]
+    start = time.perf_counter()
+    reads = [reader.read(t.window) for t in tiles]
+    read_s = time.perf_counter() - start
+    model_before = predictor.model_seconds
+    x1 = np.stack([r[0] for r in reads])
+    x2 = np.stack([r[1] for r in reads])
+    valid = np.stack([r[2] for r in reads])
+    if valid.any():
+        prob, diff = predictor.predict(x1, x2, valid)
+    else:
+        prob = diff = np.full(valid.shape, np.nan, np.float32)
+    for i, tile in enumerate(tiles):
+        store.write(tile.index, prob[i], diff[i], valid[i])
+    return {"read_s": read_s, "model_s": predictor.model_seconds - model_before, "tiles": len(tiles)}
+
+
+def missing_batches(plan: RunPlan, store_root: str | Path) -> list[int]:
+    """Batches with at least one tile not yet in the store."""
+    done = open_tile_store(plan, store_root).done()
+    return [b for b, idx in enumerate(plan.batches) if not set(idx) <= done]
+
+
+def _mosaic_to_scratch(plan: RunPlan, store: TileStore, paths: dict[str, Path]) -> dict[str, int]:
+    grid = plan.pair.grid
     writers = {
         PROBABILITY: BlockRasterWriter(paths[PROBABILITY], grid, "float32", FLOAT_NODATA),
         MASK: BlockRasterWriter(paths[MASK], grid, "uint8", MASK_NODATA),
         DIFFERENCE: BlockRasterWriter(paths[DIFFERENCE], grid, "float32", FLOAT_NODATA),
     }
-    counts = {"valid_pixels": 0, "changed_pixels": 0, "tiles": len(run.tiles), "skipped_tiles": 0}
+    counts = {"valid_pixels": 0, "changed_pixels": 0, "tiles": len(plan.tiles), "skipped_tiles": 0}
 
     def sink(row_off: int, values: np.ndarray, valid: np.ndarray) -> None:
         prob, diff = values
-        changed = valid & (prob >= run.threshold)
+        changed = valid & (prob >= plan.threshold)
         writers[PROBABILITY].write_rows(row_off, np.where(valid, prob, FLOAT_NODATA))
         writers[DIFFERENCE].write_rows(row_off, np.where(valid, diff, FLOAT_NODATA))
         writers[MASK].write_rows(row_off, np.where(valid, changed, MASK_NODATA).astype(np.uint8))
         counts["valid_pixels"] += int(valid.sum())
         counts["changed_pixels"] += int(changed.sum())
 
-    mosaic = StreamingMosaic(grid.shape, run.tiles, 2, sink, run.params.overlap, run.params.blend)
-    read_s = 0.0
+    mosaic = StreamingMosaic(grid.shape, plan.tiles, 2, sink, plan.params.overlap, plan.params.blend)
     try:
-        for batch in _batches(run.tiles, run.params.batch_size):
-            start = time.perf_counter()
-            reads = [reader.read(t.window) for t in batch]
-            read_s += time.perf_counter() - start
-            live = [(t, r) for t, r in zip(batch, reads) if r[2].any()]
-            for t, r in zip(batch, reads):
-                if not r[2].any():
-                    mosaic.skip(t)
-                    counts["skipped_tiles"] += 1
-            if live:
-                x1 = np.stack([r[0] for _, r in live])
-                x2 = np.stack([r[1] for _, r in live])
-                valid = np.stack([r[2] for _, r in live])
-                prob, diff = run.predictor.predict(x1, x2, valid)
-                for i, (tile, _) in enumerate(live):
-                    mosaic.add(tile, np.stack([prob[i], diff[i]]), valid[i])
-            if progress:
-                progress(len(batch))
+        for tile in plan.tiles:
+            values, valid = store.read(tile.index)
+            if valid.any():
+                mosaic.add(tile, values, valid)
+            else:
+                mosaic.skip(tile)
+                counts["skipped_tiles"] += 1
     finally:
         for w in writers.values():
             w.dataset.close()
@@ -187,24 +246,13 @@ def predict_to_rasters(
         raise InputError("no valid pixel where t1 and t2 overlap (all nodata/NaN)")
     for w in writers.values():
         w.close()
-    run.timings["read_s"] = read_s
-    run.timings["model_s"] = run.predictor.model_seconds
     return counts
 
 
-def finalize_outputs(run: PreparedRun, scratch: dict[str, Path], staging: OutputStaging) -> dict[str, Any]:
-    """Scratch rasters -> COGs, mask -> GeoPackage polygons; returns the polygon summary."""
+def _polygons(staging: OutputStaging, timings: dict[str, float]) -> dict[str, Any]:
     start = time.perf_counter()
-    write_cog(scratch[PROBABILITY], staging.path(PROBABILITY), "average")
-    write_cog(scratch[DIFFERENCE], staging.path(DIFFERENCE), "average")
-    write_cog(scratch[MASK], staging.path(MASK), "nearest")
-    run.timings["cog_s"] = time.perf_counter() - start
-    start = time.perf_counter()
-    n = polygonize_mask(staging.path(MASK), staging.path(PROBABILITY), staging.path(POLYGONS))
-    run.timings["polygons_s"] = time.perf_counter() - start
-    import geopandas as gpd
-
-    area = float(gpd.read_file(staging.path(POLYGONS), engine="pyogrio")["area_m2"].sum()) if n else 0.0
+    n, area = polygonize_mask(staging.path(MASK), staging.path(PROBABILITY), staging.path(POLYGONS))
+    timings["polygons_s"] = time.perf_counter() - start
     return {"regions": n, "changed_area_m2": area, "changed_area_ha": area / 1e4}
 
 
@@ -229,6 +277,57 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+def write_outputs(
+    plan: RunPlan,
+    store_root: str | Path,
+    out_dir: str | Path,
+    overwrite: bool = False,
+    inputs: dict[str, str] | None = None,
+    timings: dict[str, float] | None = None,
+    started: float | None = None,
+) -> dict[str, Any]:
+    """Blend stored tiles into COGs, polygonise, write ``run.json``; move all into ``out_dir``.
+
+    Nothing appears in ``out_dir`` unless every output was produced; returns the ``run.json`` summary.
+    """
+    timings = {**plan.timings, **(timings or {})}
+    store = open_tile_store(plan, store_root)
+    missing = len(plan.tiles) - len(store.done())
+    if missing:
+        raise ChangeDetError(f"{missing} tiles have no prediction yet in {store.path}")
+    with OutputStaging(out_dir, OUTPUT_NAMES, overwrite) as staging:
+        start = time.perf_counter()
+        scratch = {name: staging.path(f"scratch_{name}") for name in (PROBABILITY, MASK, DIFFERENCE)}
+        counts = _mosaic_to_scratch(plan, store, scratch)
+        timings["mosaic_s"] = time.perf_counter() - start
+        start = time.perf_counter()
+        write_cog(scratch[PROBABILITY], staging.path(PROBABILITY), "average")
+        write_cog(scratch[DIFFERENCE], staging.path(DIFFERENCE), "average")
+        write_cog(scratch[MASK], staging.path(MASK), "nearest")
+        timings["cog_s"] = time.perf_counter() - start
+        changes = _polygons(staging, timings)
+        if started is not None:
+            timings["total_s"] = time.perf_counter() - started
+        summary = {
+            "inputs": inputs or {"t1": plan.pair.t1.source, "t2": plan.pair.t2.source},
+            **plan.pair.to_dict(),
+            "model": plan.spec.describe(),
+            "parameters": {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(plan.params).items()},
+            "threshold": plan.threshold,
+            "fingerprint": plan.fingerprint,
+            "counts": counts,
+            "changes": changes,
+            "outputs": {name: name for name in OUTPUT_NAMES},
+            "nodata": {PROBABILITY: FLOAT_NODATA, DIFFERENCE: FLOAT_NODATA, MASK: MASK_NODATA},
+            "timings": {k: round(v, 4) for k, v in timings.items()},
+            "peak_rss_mb": round(peak_rss_mb(), 1),
+            "versions": _versions(),
+        }
+        staging.path(RUN_JSON).write_text(json.dumps(summary, indent=2, default=str))
+        staging.commit()
+    return summary
+
+
 @dataclass
 class DetectResult:
     """Where the outputs are and what ``run.json`` says."""
@@ -248,42 +347,46 @@ def detect_changes(
     params: DetectParams | None = None,
     overwrite: bool = False,
     progress: Callable[[int], None] | None = None,
-    on_prepared: Callable[[PreparedRun], None] | None = None,
+    on_planned: Callable[[RunPlan], None] | None = None,
 ) -> DetectResult:
-    """Run the whole path and write ``change_probability.tif``, ``change_mask.tif``,
+    """Run the whole path in this process and write ``change_probability.tif``, ``change_mask.tif``,
     ``difference.tif`` (COGs on the common grid), ``changes.gpkg`` and ``run.json`` into ``out_dir``.
 
-    Nothing appears in ``out_dir`` unless the whole run succeeds; existing outputs are only replaced
-    with ``overwrite=True``.
+    Tile predictions persist in ``out_dir/.changedet-tiles/<fingerprint>`` until the run succeeds, so
+    rerunning an interrupted run only predicts the missing tiles. Nothing else appears in ``out_dir``
+    unless the whole run succeeds; existing outputs are only replaced with ``overwrite=True``.
     """
     params = params or DetectParams()
     start = time.perf_counter()
-    run = prepare_run(t1, t2, params)
-    if on_prepared:
-        on_prepared(run)
-    with OutputStaging(out_dir, OUTPUT_NAMES, overwrite) as staging:
-        scratch = {name: staging.path(f"scratch_{name}") for name in (PROBABILITY, MASK, DIFFERENCE)}
-        with PairReader(run.pair) as reader:
-            sample_scene(run, reader)
-            start_predict = time.perf_counter()
-            counts = predict_to_rasters(run, reader, scratch, progress)
-            run.timings["predict_total_s"] = time.perf_counter() - start_predict
-        polygons = finalize_outputs(run, scratch, staging)
-        run.timings["total_s"] = time.perf_counter() - start
-        summary = {
-            "inputs": {"t1": str(t1), "t2": str(t2)},
-            **run.pair.to_dict(),
-            "model": run.predictor.spec.describe(),
-            "parameters": {k: (list(v) if isinstance(v, tuple) else v) for k, v in vars(params).items()},
-            "threshold": run.threshold,
-            "counts": counts,
-            "changes": polygons,
-            "outputs": {name: name for name in OUTPUT_NAMES},
-            "nodata": {PROBABILITY: FLOAT_NODATA, DIFFERENCE: FLOAT_NODATA, MASK: MASK_NODATA},
-            "timings": {k: round(v, 4) for k, v in run.timings.items()},
-            "peak_rss_mb": round(peak_rss_mb(), 1),
-            "versions": _versions(),
-        }
-        staging.path(RUN_JSON).write_text(json.dumps(summary, indent=2, default=str))
-        staging.commit()
+    plan = plan_run(t1, t2, params)
+    OutputStaging.check(out_dir, OUTPUT_NAMES, overwrite)
+    if on_planned:
+        on_planned(plan)
+    store_root = Path(out_dir) / TILE_STORE_DIR
+    timings = {"read_s": 0.0, "model_s": 0.0}
+    start_predict = time.perf_counter()
+    try:
+        todo = missing_batches(plan, store_root)
+        if progress:
+            progress(sum(len(b) for i, b in enumerate(plan.batches) if i not in set(todo)))
+        for b in todo:
+            stats = predict_batch(plan, b, store_root)
+            timings["read_s"] += stats["read_s"]
+            timings["model_s"] += stats["model_s"]
+            if progress:
+                progress(len(plan.batches[b]))
+        timings["predict_total_s"] = time.perf_counter() - start_predict
+        summary = write_outputs(plan, store_root, out_dir, overwrite, {"t1": str(t1), "t2": str(t2)}, timings, start)
+    except InputError:
+        _remove_store(store_root)  # bad data: nothing worth resuming
+        raise
+    _remove_store(store_root)
     return DetectResult(Path(out_dir), summary)
+
+
+def _remove_store(root: Path) -> None:
+
+
+    shutil.rmtree(root, ignore_errors=True)
+    if root.parent.is_dir() and not any(root.parent.iterdir()):
+        root.parent.rmdir()

@@ -18,6 +18,18 @@ DEFAULT_MODEL = "cva"
 
 
 @dataclass(frozen=True)
+class SceneFit:
+    """Scene statistics fitted once per run and shipped to every worker.
+
+    ``normalization``: per date ``(mean, std)`` per band; ``buffers``: fitted model buffers
+    (e.g. CVA's statistics and Otsu threshold), empty for trained models.
+    """
+
+    normalization: tuple[tuple[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]]
+    buffers: dict[str, np.ndarray] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
 class ModelSpec:
     """A resolved ``--model``: a registry name, or a checkpoint with its metadata."""
 
@@ -100,6 +112,21 @@ class TilePredictor:
         if self.model.needs_scene_fit:
             t1, t2 = (torch.from_numpy(self._normalize(x[..., None, None], d))[..., 0, 0] for d, x in enumerate((x1, x2)))
             self.model.fit_scene(t1, t2, torch.ones(len(x1), dtype=torch.bool))
+
+    def scene_fit(self) -> SceneFit:
+        """The fitted scene state, to rebuild an identical predictor elsewhere (:meth:`load_scene_fit`)."""
+        if self.normalization is None:
+            raise ModelError("the scene has not been fitted yet")
+        buffers = {k: v.cpu().numpy() for k, v in self.model.named_buffers()} if self.model.needs_scene_fit else {}
+        return SceneFit(self.normalization, buffers)
+
+    def load_scene_fit(self, fit: SceneFit) -> None:
+        """Adopt a scene state produced by :meth:`scene_fit` (possibly in another process)."""
+        self.normalization = fit.normalization
+        own = dict(self.model.named_buffers())
+        with torch.no_grad():
+            for name, value in fit.buffers.items():
+                own[name].copy_(torch.from_numpy(np.asarray(value)))
 
     def _normalize(self, x: np.ndarray, date: int) -> np.ndarray:
         mean, std = self.normalization[date]

@@ -142,4 +142,9 @@ def test_failure_after_prediction_leaves_no_partial_outputs(tmp_path, good_pair,
     out = tmp_path / "out"
     with pytest.raises(OSError):
         detect.detect_changes(t1, t2, out, detect.DetectParams(tile=32, overlap=8))
-    assert list(out.iterdir()) == []
+    # only the hidden tile store (for resuming) remains: no output file, no staging folder
+    assert [p.name for p in out.iterdir()] == [detect.TILE_STORE_DIR]
+    monkeypatch.undo()
+    result = detect.detect_changes(t1, t2, out, detect.DetectParams(tile=32, overlap=8))
+    assert sorted(p.name for p in out.iterdir()) == sorted(detect.OUTPUT_NAMES)
+    assert result.summary["timings"]["model_s"] == 0.0  # every tile came from the store

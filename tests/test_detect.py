@@ -92,3 +92,44 @@ def test_synthetic_changes_found_and_reprojected_output(tmp_path):
 
     metrics = evaluate_mask(result.path(MASK), pair.label)  # georeferenced label, warped onto the output grid
     assert metrics["f1"] > 0.8
+
+
+@pytest.mark.shared_data
+def test_envi_landsat_pair_keeps_its_utm_grid(shared_data, tmp_path):
+    root = shared_data / "landsat" / "taizhou"
+    result = detect_changes(root / "2000TM", root / "2003TM", tmp_path / "out", DetectParams(tile=128, overlap=16))
+    with rasterio.open(root / "2000TM") as src, rasterio.open(result.path(PROBABILITY)) as out:
+        assert out.crs == src.crs and out.transform == src.transform and out.shape == src.shape
+    # sparse Taizhou labels: CVA must separate the sampled changed / unchanged pixels well
+    with rasterio.open(root / "change.bmp") as c, rasterio.open(root / "unchanged.bmp") as u, rasterio.open(result.path(MASK)) as m:
+        changed, unchanged, mask = c.read(1) == 255, u.read(1) == 255, m.read(1)
+    assert (mask[changed] == 1).mean() > 0.7 and (mask[unchanged] == 0).mean() > 0.9
+
+
+@pytest.mark.shared_data
+def test_png_pair_without_georeference_gives_pixel_grid_outputs(shared_data, tmp_path):
+    root = shared_data / "levir_cd_samples"
+    name = "test_2_0000_0000.png"
+    with pytest.warns(rasterio.errors.NotGeoreferencedWarning):
+        result = detect_changes(root / "A" / name, root / "B" / name, tmp_path / "out", DetectParams(tile=128, overlap=16))
+    with rasterio.open(result.path(MASK)) as out:
+        assert out.crs is None and out.shape == (256, 256)
+    assert cog_validate(str(result.path(MASK)))[0]
+    from changedet.evaluate import evaluate_mask
+
+    assert evaluate_mask(result.path(MASK), root / "label" / name)["change_value"] == 255
+
+
+def test_fingerprint_follows_content_not_paths(tmp_path):
+    from changedet.detect import plan_run
+
+    pair = write_synthetic_pair(tmp_path / "a", 64, 64, bands=2, n_changes=2)
+    moved = tmp_path / "moved"
+    moved.mkdir()
+    for p in (pair.t1, pair.t2):
+        (moved / f"renamed_{p.name}").write_bytes(p.read_bytes())
+    params = DetectParams(tile=32, overlap=8)
+    first = plan_run(pair.t1, pair.t2, params).fingerprint
+    assert plan_run(moved / "renamed_t1.tif", moved / "renamed_t2.tif", params).fingerprint == first
+    assert plan_run(pair.t2, pair.t1, params).fingerprint != first  # dates swapped
+    assert plan_run(pair.t1, pair.t2, DetectParams(tile=32, overlap=4)).fingerprint != first

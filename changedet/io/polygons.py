@@ -65,11 +65,14 @@ def _ellipsoid(crs) -> dict[str, float]:
     return {"a": ellipsoid.semi_major_metre, "b": ellipsoid.semi_minor_metre}
 
 
-def polygonize_mask(mask_path: str | Path, prob_path: str | Path, out_path: str | Path, layer: str = "changes") -> int:
+def polygonize_mask(
+    mask_path: str | Path, prob_path: str | Path, out_path: str | Path, layer: str = "changes"
+) -> tuple[int, float]:
     """Write one polygon per connected change region of ``mask_path`` (value 1) to a GeoPackage.
 
     Attributes: ``id``, ``pixels``, ``area_m2`` (geodesic on geographic CRSs; empty without CRS)
-    and ``mean_prob`` (mean change probability from ``prob_path``). Returns the feature count.
+    and ``mean_prob`` (mean change probability from ``prob_path``).
+    Returns the feature count and the total changed area in m² (0 without CRS).
     """
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", NotGeoreferencedWarning)
@@ -121,4 +124,4 @@ def polygonize_mask(mask_path: str | Path, prob_path: str | Path, out_path: str 
             geometry=gpd.GeoSeries(geoms, crs=grid.crs),
         )
         frame.to_file(out_path, layer=layer, driver="GPKG", engine="pyogrio", geometry_type="Polygon")
-        return len(frame)
+        return len(frame), float(np.nansum(frame["area_m2"])) if len(frame) else 0.0

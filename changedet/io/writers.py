@@ -111,16 +111,22 @@ class OutputStaging:
     def __init__(self, out_dir: str | Path, names: list[str], overwrite: bool = False) -> None:
         self.out_dir = Path(out_dir)
         self.names = names
-        if self.out_dir.exists() and not self.out_dir.is_dir():
-            raise OutputError(f"output path {self.out_dir} exists and is not a folder")
-        existing = [n for n in names if (self.out_dir / n).exists()]
-        if existing and not overwrite:
-            raise OutputError(f"{self.out_dir} already holds {', '.join(existing)}; pass --overwrite to replace")
+        self.check(out_dir, names, overwrite)
         try:
             self.out_dir.mkdir(parents=True, exist_ok=True)
             self.dir = Path(tempfile.mkdtemp(prefix=".changedet-staging-", dir=self.out_dir))
         except OSError as exc:
             raise OutputError(f"cannot write to {self.out_dir}: {exc.strerror or exc}") from None
+
+    @staticmethod
+    def check(out_dir: str | Path, names: list[str], overwrite: bool) -> None:
+        """Fail early (:class:`OutputError`) if ``out_dir`` is a file or holds outputs without ``overwrite``."""
+        out_dir = Path(out_dir)
+        if out_dir.exists() and not out_dir.is_dir():
+            raise OutputError(f"output path {out_dir} exists and is not a folder")
+        existing = [n for n in names if (out_dir / n).exists()]
+        if existing and not overwrite:
+            raise OutputError(f"{out_dir} already holds {', '.join(existing)}; pass --overwrite to replace")
 
     def path(self, name: str) -> Path:
         """Path of ``name`` inside the staging folder."""
