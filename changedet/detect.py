@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import shutil
+import threading
 import json
 import platform
 import resource
@@ -34,7 +35,7 @@ import changedet
 from changedet.align import AlignedPair, PairReader, align_pair
 from changedet.errors import ChangeDetError, InputError
 from changedet.io.polygons import polygonize_mask
-from changedet.io.scene import open_scene
+from changedet.io.scene import Scene, open_scene
 from changedet.io.writers import BlockRasterWriter, OutputStaging, write_cog
 from changedet.mosaic import StreamingMosaic
 from changedet.predictor import DEFAULT_MODEL, ModelSpec, SceneFit, TilePredictor, resolve_model
@@ -101,20 +102,35 @@ def _hash_file(path: str, digest: "hashlib._Hash", chunk: int = 1 << 22) -> None
             digest.update(block)
 
 
-def content_fingerprint(pair: AlignedPair, spec: ModelSpec, params: DetectParams) -> str:
+def content_fingerprint(t1: Scene, t2: Scene, spec: ModelSpec, params: DetectParams) -> str:
     """Hash of the input files' bytes, the model (checkpoint bytes or name+config) and every
     parameter that changes predictions — not of paths, so renamed or moved inputs still match."""
     digest = hashlib.blake2b(digest_size=16)
-    for scene in (pair.t1, pair.t2):
+    for scene in (t1, t2):
         for path in dict.fromkeys(b.path for b in scene.bands):
             _hash_file(path, digest)
         digest.update(json.dumps([(b.name, b.index) for b in scene.bands]).encode())
     if spec.checkpoint is not None:
         _hash_file(str(spec.checkpoint), digest)
-    settings = {k: v for k, v in asdict(params).items() if k not in ("threshold", "device", "batch_size")}
-    settings.update(model=spec.name, grid=pair.grid.to_dict(), batch_size=params.batch_size)
+    settings = {k: v for k, v in asdict(params).items() if k not in ("model", "threshold", "device")}
+    settings["model"] = spec.name
     digest.update(json.dumps(settings, sort_keys=True, default=str).encode())
     return digest.hexdigest()
+
+
+def open_inputs(t1: str | Path, t2: str | Path, params: DetectParams) -> tuple[Scene, Scene, ModelSpec]:
+    """Validate parameters, resolve the model and open both dates with the model's bands."""
+    params.validate()
+    spec = resolve_model(params.model)
+    bands1 = bands2 = list(params.bands) if params.bands else None
+    if bands1 is None and spec.bands is not None:
+        bands1, bands2 = spec.bands
+    return open_scene(t1, bands1, params.nodata), open_scene(t2, bands2, params.nodata), spec
+
+
+def input_fingerprint(t1: str | Path, t2: str | Path, params: DetectParams) -> str:
+    """:func:`content_fingerprint` straight from paths (what a cache key needs before planning)."""
+    return content_fingerprint(*open_inputs(t1, t2, params), params)
 
 
 def _sample_pixels(pair: AlignedPair, tiles: list[Tile], params: DetectParams, max_pixels: int = 200_000):
@@ -140,15 +156,8 @@ def _sample_pixels(pair: AlignedPair, tiles: list[Tile], params: DetectParams, m
 def plan_run(t1: str | Path, t2: str | Path, params: DetectParams) -> RunPlan:
     """Open both dates, resolve the model (choosing its bands), align, plan tiles, fit the scene."""
     start = time.perf_counter()
-    params.validate()
-    spec = resolve_model(params.model)
-    bands1 = bands2 = list(params.bands) if params.bands else None
-    if bands1 is None and spec.bands is not None:
-        bands1, bands2 = spec.bands
-    scene1 = open_scene(t1, bands1, params.nodata)
-    scene2 = open_scene(t2, bands2, params.nodata)
-    heterogeneous = not spec.metadata.get("config", {}).get("shared", True) or bands1 != bands2
-    pair = align_pair(scene1, scene2, params.crs, params.resolution, params.resampling, heterogeneous)
+    scene1, scene2, spec = open_inputs(t1, t2, params)
+    pair = align_pair(scene1, scene2, params.crs, params.resolution, params.resampling, spec.heterogeneous)
     predictor = TilePredictor(spec, (scene1.count, scene2.count), params.device)
     tiles = plan_tiles(pair.grid.height, pair.grid.width, params.tile, params.overlap)
     batches = [list(range(i, min(i + params.batch_size, len(tiles)))) for i in range(0, len(tiles), params.batch_size)]
@@ -159,24 +168,24 @@ def plan_run(t1: str | Path, t2: str | Path, params: DetectParams) -> RunPlan:
         predictor.fit_scene(*_sample_pixels(pair, tiles, params))
     timings["sample_s"] = time.perf_counter() - start
     start = time.perf_counter()
-    fingerprint = content_fingerprint(pair, spec, params)
+    fingerprint = content_fingerprint(scene1, scene2, spec, params)
     timings["fingerprint_s"] = time.perf_counter() - start
     return RunPlan(pair, tiles, batches, spec, params, threshold, predictor.scene_fit(), fingerprint, timings)
 
 
-_WORKER_CACHE: dict[str, tuple[PairReader, TilePredictor]] = {}
+_WORKER = threading.local()
 
 
 def _worker_state(plan: RunPlan) -> tuple[PairReader, TilePredictor]:
-    """Open reader + model once per process and run (kept for later batches of the same run)."""
-    if plan.fingerprint not in _WORKER_CACHE:
-        for reader, _ in _WORKER_CACHE.values():
-            reader.close()
-        _WORKER_CACHE.clear()
+    """Reader + model opened once per worker thread and run (datasets are not shared across threads)."""
+    cached = getattr(_WORKER, "state", None)
+    if cached is None or cached[0] != plan.fingerprint:
+        if cached is not None:
+            cached[1].close()
         predictor = TilePredictor(plan.spec, (plan.pair.t1.count, plan.pair.t2.count), plan.params.device)
         predictor.load_scene_fit(plan.scene_fit)
-        _WORKER_CACHE[plan.fingerprint] = (PairReader(plan.pair).__enter__(), predictor)
-    return _WORKER_CACHE[plan.fingerprint]
+        _WORKER.state = (plan.fingerprint, PairReader(plan.pair).__enter__(), predictor)
+    return _WORKER.state[1], _WORKER.state[2]
 
 
 def open_tile_store(plan: RunPlan, root: str | Path) -> TileStore:

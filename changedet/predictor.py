@@ -46,6 +46,12 @@ class ModelSpec:
         return (bands["t1"], bands["t2"]) if isinstance(bands, dict) else (list(bands), list(bands))
 
     @property
+    def heterogeneous(self) -> bool:
+        """True when the two dates may have different bands (pseudo-Siamese, or per-date checkpoint bands)."""
+        bands = self.bands
+        return model_entry(self.name).family == "pseudo-siamese" or (bands is not None and bands[0] != bands[1])
+
+    @property
     def trained(self) -> bool:
         """True for checkpoints; registry models start from scratch (CVA needs no training)."""
         return self.checkpoint is not None
