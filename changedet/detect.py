@@ -387,15 +387,12 @@ def detect_changes(
         timings["predict_total_s"] = time.perf_counter() - start_predict
         summary = write_outputs(plan, store_root, out_dir, overwrite, {"t1": str(t1), "t2": str(t2)}, timings, start)
     except InputError:
-        _remove_store(store_root)  # bad data: nothing worth resuming
+        remove_tile_store(store_root)  # bad data: nothing worth resuming
         raise
-    _remove_store(store_root)
+    remove_tile_store(store_root)
     return DetectResult(Path(out_dir), summary)
 
 
-def _remove_store(root: Path) -> None:
-
-
+def remove_tile_store(root: str | Path) -> None:
+    """Delete a tile store folder (after a successful run, or when its inputs are unusable)."""
     shutil.rmtree(root, ignore_errors=True)
-    if root.parent.is_dir() and not any(root.parent.iterdir()):
-        root.parent.rmdir()
