@@ -9,6 +9,6 @@ import os
 
 # GDAL's block cache defaults to 5% of RAM; windowed reads need far less. Bounded so memory stays
 # flat with scene size (override by setting GDAL_CACHEMAX before importing changedet).
-os.environ.setdefault("GDAL_CACHEMAX", "256")
+os.environ.setdefault("GDAL_CACHEMAX", "128")
 
 __version__ = "0.1.0"

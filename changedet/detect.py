@@ -133,24 +133,33 @@ def input_fingerprint(t1: str | Path, t2: str | Path, params: DetectParams) -> s
     return content_fingerprint(*open_inputs(t1, t2, params), params)
 
 
-def _sample_pixels(pair: AlignedPair, tiles: list[Tile], params: DetectParams, max_pixels: int = 200_000):
+def _sample_pixels(
+    pair: AlignedPair, tiles: list[Tile], params: DetectParams, max_pixels: int = 200_000
+) -> tuple[np.ndarray, np.ndarray]:
+    """Valid pixel samples ``(N, C)`` of both dates from up to ``sample_tiles`` evenly spread tiles
+    (a random subset of each tile is kept, so memory stays at one tile)."""
     picks = np.unique(np.linspace(0, len(tiles) - 1, min(params.sample_tiles, len(tiles))).astype(int))
+    per_tile = max(1, max_pixels // len(picks))
+    rng = np.random.default_rng(params.seed)
+    s1, s2 = [], []
+
+    def keep(x1: np.ndarray, x2: np.ndarray, valid: np.ndarray) -> None:
+        idx = np.flatnonzero(valid)
+        idx = np.sort(rng.choice(idx, per_tile, replace=False)) if len(idx) > per_tile else idx
+        s1.append(x1.reshape(x1.shape[0], -1)[:, idx].T)
+        s2.append(x2.reshape(x2.shape[0], -1)[:, idx].T)
+
     with PairReader(pair) as reader:
-        reads = [reader.read(tiles[i].window) for i in picks]
-        s1 = np.concatenate([x1[:, v].T for x1, _, v in reads])
-        s2 = np.concatenate([x2[:, v].T for _, x2, v in reads])
-        if len(s1) < 2:  # the spread sample missed the data: scan until some valid pixels turn up
+        for i in picks:
+            keep(*reader.read(tiles[i].window))
+        if sum(len(s) for s in s1) < 2:  # the spread sample missed the data: scan until pixels turn up
             for tile in tiles:
-                x1, x2, valid = reader.read(tile.window)
-                if valid.sum() >= 2:
-                    s1, s2 = x1[:, valid].T, x2[:, valid].T
+                keep(*reader.read(tile.window))
+                if sum(len(s) for s in s1) >= 2:
                     break
             else:
                 raise InputError("no valid pixel where t1 and t2 overlap (all nodata/NaN)")
-    if len(s1) > max_pixels:
-        keep = np.random.default_rng(params.seed).choice(len(s1), max_pixels, replace=False)
-        s1, s2 = s1[keep], s2[keep]
-    return s1, s2
+    return np.concatenate(s1), np.concatenate(s2)
 
 
 def plan_run(t1: str | Path, t2: str | Path, params: DetectParams) -> RunPlan:
@@ -176,16 +185,18 @@ def plan_run(t1: str | Path, t2: str | Path, params: DetectParams) -> RunPlan:
 _WORKER = threading.local()
 
 
-def _worker_state(plan: RunPlan) -> tuple[PairReader, TilePredictor]:
-    """Reader + model opened once per worker thread and run (datasets are not shared across threads)."""
+def _worker_state(plan: RunPlan, store_root: str | Path) -> tuple[PairReader, TilePredictor, TileStore]:
+    """Reader, model and tile store opened once per worker thread and run (rasterio datasets are
+    not shared across threads); reopened when another run arrives."""
+    key = (plan.fingerprint, str(store_root))
     cached = getattr(_WORKER, "state", None)
-    if cached is None or cached[0] != plan.fingerprint:
+    if cached is None or cached[0] != key or not cached[3].path.exists():
         if cached is not None:
             cached[1].close()
         predictor = TilePredictor(plan.spec, (plan.pair.t1.count, plan.pair.t2.count), plan.params.device)
         predictor.load_scene_fit(plan.scene_fit)
-        _WORKER.state = (plan.fingerprint, PairReader(plan.pair).__enter__(), predictor)
-    return _WORKER.state[1], _WORKER.state[2]
+        _WORKER.state = (key, PairReader(plan.pair).__enter__(), predictor, open_tile_store(plan, store_root))
+    return _WORKER.state[1:]
 
 
 def open_tile_store(plan: RunPlan, root: str | Path) -> TileStore:
@@ -196,8 +207,7 @@ def open_tile_store(plan: RunPlan, root: str | Path) -> TileStore:
 
 def predict_batch(plan: RunPlan, batch: int, store_root: str | Path) -> dict[str, float]:
     """Predict the tiles of ``plan.batches[batch]`` into the tile store; returns read/model seconds."""
-    reader, predictor = _worker_state(plan)
-    store = open_tile_store(plan, store_root)
+    reader, predictor, store = _worker_state(plan, store_root)
     tiles = [plan.tiles[i] for i in plan.batches[batch]]
     start = time.perf_counter()
     reads = [reader.read(t.window) for t in tiles]
@@ -294,6 +304,7 @@ def write_outputs(
     inputs: dict[str, str] | None = None,
     timings: dict[str, float] | None = None,
     started: float | None = None,
+    extra_counts: dict[str, int] | None = None,
 ) -> dict[str, Any]:
     """Blend stored tiles into COGs, polygonise, write ``run.json``; move all into ``out_dir``.
 
@@ -307,7 +318,7 @@ def write_outputs(
     with OutputStaging(out_dir, OUTPUT_NAMES, overwrite) as staging:
         start = time.perf_counter()
         scratch = {name: staging.path(f"scratch_{name}") for name in (PROBABILITY, MASK, DIFFERENCE)}
-        counts = _mosaic_to_scratch(plan, store, scratch)
+        counts = {**_mosaic_to_scratch(plan, store, scratch), **(extra_counts or {})}
         timings["mosaic_s"] = time.perf_counter() - start
         start = time.perf_counter()
         write_cog(scratch[PROBABILITY], staging.path(PROBABILITY), "average")
@@ -376,8 +387,9 @@ def detect_changes(
     start_predict = time.perf_counter()
     try:
         todo = missing_batches(plan, store_root)
+        resumed = sum(len(b) for i, b in enumerate(plan.batches) if i not in set(todo))
         if progress:
-            progress(sum(len(b) for i, b in enumerate(plan.batches) if i not in set(todo)))
+            progress(resumed)
         for b in todo:
             stats = predict_batch(plan, b, store_root)
             timings["read_s"] += stats["read_s"]
@@ -385,7 +397,8 @@ def detect_changes(
             if progress:
                 progress(len(plan.batches[b]))
         timings["predict_total_s"] = time.perf_counter() - start_predict
-        summary = write_outputs(plan, store_root, out_dir, overwrite, {"t1": str(t1), "t2": str(t2)}, timings, start)
+        inputs = {"t1": str(t1), "t2": str(t2)}
+        summary = write_outputs(plan, store_root, out_dir, overwrite, inputs, timings, start, {"resumed_tiles": resumed})
     except InputError:
         remove_tile_store(store_root)  # bad data: nothing worth resuming
         raise

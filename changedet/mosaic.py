@@ -71,17 +71,24 @@ class StreamingMosaic:
         self.blend = blend
         blend_weights(Tile(0, 0, 0, 1, 1), grid_shape, 0, blend)  # validate the mode early
         self._pending: dict[int, int] = {}
+        tallest = 1
         for t in tiles:
             self._pending[t.row_off] = self._pending.get(t.row_off, 0) + 1
+            tallest = max(tallest, t.height)
         self._row0 = 0
-        self._sum = np.zeros((bands, 0, self.width), np.float64)
-        self._weight = np.zeros((0, self.width), np.float64)
+        self._rows = 0  # rows of the buffer in use, starting at grid row self._row0
+        capacity = tallest  # enough when tiles arrive row-major; grows otherwise
+        self._sum = np.zeros((bands, capacity, self.width), np.float64)
+        self._weight = np.zeros((capacity, self.width), np.float64)
 
     def _grow(self, bottom: int) -> None:
-        extra = bottom - (self._row0 + self._weight.shape[0])
-        if extra > 0:
+        """Make the buffer cover grid rows up to ``bottom`` (reallocating only for out-of-order tiles)."""
+        needed = bottom - self._row0
+        if needed > self._weight.shape[0]:
+            extra = needed - self._weight.shape[0]
             self._sum = np.concatenate([self._sum, np.zeros((self.bands, extra, self.width))], axis=1)
             self._weight = np.concatenate([self._weight, np.zeros((extra, self.width))], axis=0)
+        self._rows = max(self._rows, needed)
 
     def add(self, tile: Tile, values: np.ndarray, valid: np.ndarray) -> None:
         """Blend a tile's ``values (bands, h, w)``; pixels where ``valid`` is False do not contribute."""
@@ -112,11 +119,15 @@ class StreamingMosaic:
         n = until - self._row0
         weight = self._weight[:n]
         valid = weight > 0
-        with np.errstate(invalid="ignore", divide="ignore"):
-            values = np.where(valid, self._sum[:, :n] / np.where(valid, weight, 1.0), np.nan).astype(np.float32)
+        values = np.full((self.bands, n, self.width), np.nan, np.float32)
+        np.divide(self._sum[:, :n], weight, out=values, where=valid, casting="same_kind")
         self.sink(self._row0, values, valid)
-        self._sum = self._sum[:, n:].copy()
-        self._weight = self._weight[n:].copy()
+        rest = self._rows - n  # shift the unfinished rows to the top, clear the rest
+        self._sum[:, :rest] = self._sum[:, n : self._rows]
+        self._weight[:rest] = self._weight[n : self._rows]
+        self._sum[:, rest : self._rows] = 0
+        self._weight[rest : self._rows] = 0
+        self._rows = rest
         self._row0 = until
 
     @property
