@@ -1,0 +1,170 @@
+"""Library entry point: :func:`train_from_config` runs a whole training from a YAML config.
+
+Steps (each a plain function, so an orchestrator can call them one by one):
+:func:`prepare_data` (discover scenes, split by group, open them, training statistics),
+:func:`build_model`, optional encoder initialisation / SimSiam pretraining
+(:func:`pretrain_encoder`), then :class:`~changedet.train.trainer.Trainer`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from changedet.data.augment import PairedAugment
+from changedet.data.datasets import PatchDataset
+from changedet.data.scenes import ChangeScene, discover_scenes, open_scenes
+from changedet.data.splits import describe_split, split_by_groups
+from changedet.data.stats import compute_normalization
+from changedet.errors import InputError
+from changedet.losses import build_loss
+from changedet.models import ChangeModel, create_model
+from changedet.train.config import TrainConfig, load_train_config, merge_overrides
+from changedet.train.simsiam import load_encoder_weights, pretrain_simsiam
+from changedet.train.trainer import TrainResult, Trainer, TrainSettings, checkpoint_metadata, pick_device
+
+log = logging.getLogger(__name__)
+
+SIMSIAM_CHECKPOINT = "simsiam.safetensors"
+
+
+@dataclass
+class PreparedData:
+    """Opened scenes of one run and the training statistics."""
+
+    train: list[ChangeScene]
+    val: list[ChangeScene]
+    unlabelled: list[ChangeScene]
+    normalization: dict[str, Any]
+    split: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def in_channels(self) -> int | tuple[int, int]:
+        """The model's ``in_channels`` for these bands."""
+        c1, c2 = self.train[0].channels
+        return c1 if c1 == c2 else (c1, c2)
+
+
+def prepare_data(cfg: TrainConfig, with_unlabelled: bool | None = None) -> PreparedData:
+    """Discover scenes, split them by group (never one city on both sides), open them, compute statistics.
+
+    Statistics come from the training scenes only. Unlabelled scenes (for SimSiam) exclude the
+    validation groups.
+    """
+    d = cfg.data
+    records = discover_scenes(d.root, d.layout)
+    labelled = [r for r in records if r.labelled]
+    if not labelled:
+        raise InputError(f"no labelled scene under {d.root}")
+    train_recs, val_recs = split_by_groups(labelled, d.val, d.train)
+    if not train_recs:
+        raise InputError("no training scene left after removing the validation groups")
+    split = describe_split(train_recs, val_recs).to_dict()
+    if with_unlabelled is None:
+        with_unlabelled = cfg.simsiam.enabled and cfg.simsiam.include_unlabelled
+    val_groups = {r.group for r in val_recs}
+    extra = [r for r in records if not r.labelled and r.group not in val_groups] if with_unlabelled else []
+    heterogeneous = d.bands_t2 is not None and d.bands_t2 != d.bands
+    scenes = open_scenes(
+        train_recs + val_recs + extra, d.bands, d.bands_t2, d.nodata, d.resampling, heterogeneous, d.cache_mb * 2**20
+    )
+    train = scenes[: len(train_recs)]
+    val = scenes[len(train_recs) : len(train_recs) + len(val_recs)]
+    unlabelled = scenes[len(train_recs) + len(val_recs) :]
+    normalization = compute_normalization(train, d.shared_stats, max_pixels_per_scene=d.stats_max_pixels, seed=cfg.seed)
+    split["unlabelled"] = [s.name for s in unlabelled]
+    return PreparedData(train, val, unlabelled, normalization, split)
+
+
+def build_model(cfg: TrainConfig, in_channels: int | tuple[int, int]) -> ChangeModel:
+    """The configured model for ``in_channels`` bands."""
+    return create_model(cfg.model.name, in_channels=in_channels, **cfg.model.config)
+
+
+def pretrain_encoder(cfg: TrainConfig, model: ChangeModel, data: PreparedData, out_dir: Path) -> dict[str, Any] | None:
+    """Initialise the encoder: from ``init_encoder``, or by SimSiam pretraining (reused when resuming)."""
+    if cfg.init_encoder is not None:
+        keys = load_encoder_weights(model, cfg.init_encoder)
+        return {"method": "init_encoder", "checkpoint": str(cfg.init_encoder), "tensors": len(keys)}
+    if not cfg.simsiam.enabled:
+        return None
+    ss = cfg.simsiam
+    path = out_dir / SIMSIAM_CHECKPOINT
+    if cfg.resume and path.is_file():
+        keys = load_encoder_weights(model, path)
+        return {"method": "simsiam", "checkpoint": str(path), "reused": True, "tensors": len(keys)}
+    scenes = data.train + data.unlabelled
+    dataset = PatchDataset(
+        scenes, ss.patch_size, data.normalization, None, ss.samples_per_epoch, 0.0, cfg.seed + 1, require_label=False
+    )
+    meta = checkpoint_metadata(
+        cfg.model.name, cfg.model.config, data.train[0].bands, data.normalization, 0.5,
+        split={"pretraining_scenes": [s.name for s in scenes]},
+    )  # fmt: skip
+    result = pretrain_simsiam(
+        model, dataset, ss.epochs, ss.batch_size, ss.lr, ss.weight_decay, ss.proj_dim, ss.pred_hidden, ss.min_scale,
+        pick_device(cfg.device), cfg.amp, cfg.seed, cfg.data.num_workers, path, meta, cfg.progress,
+    )  # fmt: skip
+    return {
+        "method": "simsiam",
+        "checkpoint": str(path),
+        "scenes": [s.name for s in scenes],
+        "final_loss": result.history[-1]["loss"] if result.history else None,
+        "embedding_std": result.final_std,
+        "healthy_std": result.healthy_std,
+    }
+
+
+def train_from_config(config: str | Path | TrainConfig, overrides: dict[str, Any] | None = None) -> TrainResult:
+    """Run the training a config describes; returns the :class:`TrainResult`.
+
+    Args:
+        config: a YAML path (``configs/train/oscd.yaml``) or a validated :class:`TrainConfig`.
+        overrides: nested values merged into the YAML before validation, e.g.
+            ``{"epochs": 2, "data": {"samples_per_epoch": 64}}``.
+
+    Writes checkpoints (``best.safetensors`` for ``changedet detect --model``), the resolved
+    config (``train_config.json``) and the result (``result.json``) into ``output_dir``.
+    """
+    if isinstance(config, TrainConfig):
+        cfg = config
+        if overrides:
+            cfg = load_train_config(data=merge_overrides(config.model_dump(mode="json"), overrides))
+    else:
+        cfg = load_train_config(config, overrides=overrides)
+    out_dir = Path(cfg.output_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "train_config.json").write_text(json.dumps(cfg.model_dump(mode="json"), indent=2))
+    data = prepare_data(cfg)
+    model = build_model(cfg, data.in_channels)
+    pretraining = pretrain_encoder(cfg, model, data, out_dir)
+    augment = None
+    if cfg.augment.enabled:
+        a = cfg.augment
+        augment = PairedAugment(a.hflip, a.vflip, a.rot90, a.crop, a.gain, a.offset, a.noise, a.swap)
+    train_data = PatchDataset(
+        data.train, cfg.data.patch_size, data.normalization, augment, cfg.data.samples_per_epoch,
+        cfg.data.change_fraction, cfg.seed,
+    )  # fmt: skip
+    settings = TrainSettings(
+        epochs=cfg.epochs, batch_size=cfg.batch_size, lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay,
+        scheduler=cfg.optim.scheduler, warmup_epochs=cfg.optim.warmup_epochs, grad_clip=cfg.optim.grad_clip,
+        device=cfg.device, amp=cfg.amp, seed=cfg.seed, patience=cfg.validation.patience,
+        val_every=cfg.validation.every, val_tile=cfg.validation.tile, val_overlap=cfg.validation.overlap,
+        val_batch_size=cfg.validation.batch_size, tune_threshold=cfg.validation.tune_threshold,
+        num_workers=cfg.data.num_workers, progress=cfg.progress, resume=cfg.resume,
+    )  # fmt: skip
+    extra = {"data": {"layout": cfg.data.layout, "root": str(cfg.data.root)}, "pretraining": pretraining}
+    trainer = Trainer(
+        model, cfg.model.name, cfg.model.config, build_loss(cfg.loss.name, **cfg.loss.kwargs()), train_data,
+        data.val, data.normalization, out_dir, settings, data.split, extra,
+    )  # fmt: skip
+    result = trainer.fit()
+    result.pretraining = pretraining
+    (out_dir / "result.json").write_text(json.dumps(result.to_dict(), indent=2))
+    for scene in data.train + data.val + data.unlabelled:
+        scene.close()
+    return result

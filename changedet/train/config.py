@@ -1,0 +1,247 @@
+"""Training configuration (``configs/train/*.yaml``), validated with pydantic.
+
+Example (``configs/train/oscd.yaml``)::
+
+    data:
+      layout: oscd
+      root: ../shared/data/oscd
+      val: [bordeaux, hongkong]
+      patch_size: 64
+    model:
+      name: fc-siam-diff
+      config: {base_channels: 16}
+    loss:
+      name: bce+dice
+      pos_weight: 5
+    epochs: 50
+    batch_size: 16
+    output_dir: outputs/train/oscd
+
+Relative paths are resolved against the working directory first, then against the config
+file's folder and its parents (so a config under ``configs/train/`` finds ``../shared/data``
+from the repository root either way).
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, PositiveInt, ValidationError, field_validator, model_validator
+
+from changedet.errors import ChangeDetError
+from changedet.losses import build_loss
+from changedet.models import list_models, model_entry
+
+
+class ConfigError(ChangeDetError):
+    """A training configuration is missing, unreadable or invalid."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class DataSection(_Strict):
+    """Where the scenes are and how patches are drawn."""
+
+    layout: Literal["auto", "oscd", "levir", "pairs"] = "auto"
+    root: Path
+    bands: list[str] | None = None
+    bands_t2: list[str] | None = None
+    val: list[str] = Field(default_factory=list, description="validation groups (cities) or scene names")
+    train: list[str] | None = Field(default=None, description="training groups (default: every other labelled group)")
+    patch_size: int = Field(default=64, ge=16)
+    samples_per_epoch: PositiveInt = 1024
+    change_fraction: float = Field(default=0.5, ge=0.0, le=1.0)
+    cache_mb: int = Field(default=512, ge=0, description="in-memory cache budget for small scenes")
+    num_workers: int = Field(default=0, ge=0)
+    nodata: float | None = None
+    resampling: Literal["nearest", "bilinear", "cubic", "average", "lanczos"] = "bilinear"
+    shared_stats: bool | None = Field(default=None, description="pool both dates' statistics (None: when bands match)")
+    stats_max_pixels: PositiveInt | None = Field(default=None, description="subsample per scene for statistics")
+
+
+class AugmentSection(_Strict):
+    """Paired augmentation (see :class:`changedet.data.PairedAugment`)."""
+
+    enabled: bool = True
+    hflip: bool = True
+    vflip: bool = True
+    rot90: bool = True
+    crop: int | None = Field(default=None, ge=16)
+    gain: float = Field(default=0.1, ge=0.0, lt=1.0)
+    offset: float = Field(default=0.1, ge=0.0)
+    noise: float = Field(default=0.02, ge=0.0)
+    swap: float = Field(default=0.0, ge=0.0, le=1.0)
+
+
+class ModelSection(_Strict):
+    """A registered model and its builder arguments (``in_channels`` comes from the bands)."""
+
+    name: str
+    config: dict[str, Any] = Field(default_factory=dict)
+
+    @field_validator("name")
+    @classmethod
+    def _registered(cls, name: str) -> str:
+        if name not in list_models():
+            raise ValueError(f"unknown model {name!r}; registered models: {', '.join(list_models())}")
+        return name
+
+    @model_validator(mode="after")
+    def _builder_takes(self) -> "ModelSection":
+        import inspect
+
+        if "in_channels" in self.config:
+            raise ValueError("model.config must not set in_channels: it follows from the selected bands")
+        params = inspect.signature(model_entry(self.name).builder).parameters
+        if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+            unknown = sorted(set(self.config) - set(params))
+            if unknown:
+                raise ValueError(f"model {self.name!r} does not take {', '.join(unknown)}; it takes {', '.join(params)}")
+        return self
+
+
+class LossSection(BaseModel):
+    """``name`` (e.g. ``bce+dice``) and any :func:`changedet.losses.build_loss` keyword arguments."""
+
+    model_config = ConfigDict(extra="allow")
+
+    name: str = "bce+dice"
+
+    def kwargs(self) -> dict[str, Any]:
+        """The keyword arguments for :func:`~changedet.losses.build_loss`."""
+        return dict(self.model_extra or {})
+
+    @model_validator(mode="after")
+    def _buildable(self) -> "LossSection":
+        build_loss(self.name, **self.kwargs())
+        return self
+
+
+class OptimSection(_Strict):
+    """AdamW with an optional warm-up and cosine decay."""
+
+    lr: float = Field(default=1e-3, gt=0)
+    weight_decay: float = Field(default=1e-4, ge=0)
+    scheduler: Literal["cosine", "constant"] = "cosine"
+    warmup_epochs: int = Field(default=0, ge=0)
+    grad_clip: float | None = Field(default=None, gt=0)
+
+
+class ValidationSection(_Strict):
+    """Full-scene validation and early stopping."""
+
+    tile: int = Field(default=256, ge=16)
+    overlap: int = Field(default=32, ge=0)
+    batch_size: PositiveInt = 8
+    every: PositiveInt = 1
+    patience: int | None = Field(default=10, ge=1, description="validations without F1 improvement before stopping")
+    tune_threshold: bool = True
+
+    @model_validator(mode="after")
+    def _overlap(self) -> "ValidationSection":
+        if self.overlap >= self.tile:
+            raise ValueError(f"validation.overlap must be < tile ({self.tile})")
+        return self
+
+
+class SimSiamSection(_Strict):
+    """Self-supervised SimSiam pretraining of the model's encoder before fine-tuning."""
+
+    enabled: bool = False
+    epochs: PositiveInt = 20
+    samples_per_epoch: PositiveInt = 1024
+    batch_size: int = Field(default=32, ge=2)
+    patch_size: int = Field(default=64, ge=16)
+    lr: float = Field(default=0.05, gt=0, description="SGD base lr (scaled by batch_size / 256)")
+    weight_decay: float = Field(default=1e-4, ge=0)
+    proj_dim: PositiveInt = 512
+    pred_hidden: PositiveInt = 128
+    include_unlabelled: bool = Field(default=True, description="also use unlabelled scenes (never validation groups)")
+    min_scale: float = Field(default=0.4, gt=0, le=1)
+
+
+class TrainConfig(_Strict):
+    """A whole training run."""
+
+    data: DataSection
+    model: ModelSection
+    loss: LossSection = Field(default_factory=LossSection)
+    augment: AugmentSection = Field(default_factory=AugmentSection)
+    optim: OptimSection = Field(default_factory=OptimSection)
+    validation: ValidationSection = Field(default_factory=ValidationSection)
+    simsiam: SimSiamSection = Field(default_factory=SimSiamSection)
+    epochs: PositiveInt = 50
+    batch_size: PositiveInt = 16
+    seed: int = 0
+    device: str = Field(default="auto", description="auto, cpu, cuda or cuda:N")
+    amp: bool = Field(default=True, description="mixed precision on CUDA (ignored on CPU)")
+    output_dir: Path = Path("outputs/train")
+    resume: bool = Field(default=True, description="continue from output_dir's last checkpoint if present")
+    init_encoder: Path | None = Field(default=None, description="checkpoint whose encoder weights initialise the model")
+    progress: bool = True
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "TrainConfig":
+        if self.augment.swap and self.data.bands_t2 is not None and self.data.bands_t2 != self.data.bands:
+            raise ValueError("augment.swap needs the same bands on both dates")
+        return self
+
+
+def _resolve(path: Path, base: Path | None) -> Path:
+    path = path.expanduser()
+    if path.is_absolute() or path.exists() or base is None:
+        return path
+    for folder in (base, *base.parents):
+        candidate = folder / path
+        if candidate.exists():
+            return candidate
+    return path
+
+
+def merge_overrides(base: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
+    """``base`` with nested ``overrides`` merged in (dicts merged key by key, other values replaced)."""
+    out = copy.deepcopy(base)
+    for k, v in overrides.items():
+        out[k] = merge_overrides(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def load_train_config(
+    path: str | Path | None = None,
+    data: dict[str, Any] | None = None,
+    overrides: dict[str, Any] | None = None,
+) -> TrainConfig:
+    """Read and validate a YAML training config (or a dict); :class:`ConfigError` with the reasons otherwise.
+
+    ``overrides`` (nested) are merged in before validation, e.g. ``{"epochs": 2}``. ``data.root``
+    and ``init_encoder`` are resolved (see the module docstring); ``output_dir`` stays relative to
+    the working directory.
+    """
+    base = None
+    if data is None:
+        if path is None:
+            raise ConfigError("load_train_config needs a path or a dict")
+        path = Path(path)
+        try:
+            data = yaml.safe_load(path.read_text())
+        except (OSError, yaml.YAMLError) as exc:
+            raise ConfigError(f"cannot read training config {path}: {exc}") from exc
+        base = path.resolve().parent
+    if not isinstance(data, dict):
+        raise ConfigError(f"training config {path or ''} must be a mapping".replace("  ", " "))
+    if overrides:
+        data = merge_overrides(data, overrides)
+    try:
+        cfg = TrainConfig.model_validate(data)
+    except ValidationError as exc:
+        reasons = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'config'}: {e['msg']}" for e in exc.errors())
+        raise ConfigError(f"invalid training config{f' {path}' if path else ''}: {reasons}") from exc
+    cfg.data.root = _resolve(cfg.data.root, base)
+    if cfg.init_encoder is not None:
+        cfg.init_encoder = _resolve(cfg.init_encoder, base)
+    return cfg
