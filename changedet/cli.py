@@ -1,4 +1,4 @@
-"""Command line: ``changedet detect``, ``changedet evaluate``, ``changedet models``."""
+"""Command line: ``changedet detect``, ``evaluate``, ``train``, ``models``."""
 
 from __future__ import annotations
 
@@ -48,6 +48,32 @@ def _add_evaluate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--change-value", type=int, default=None, help="label value meaning change (default: inferred)")
     p.add_argument("--ignore-value", type=int, action="append", default=None, help="label value to skip (repeatable)")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+
+
+def _add_train(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("train", help="train a change model from a YAML config (configs/train/*.yaml)")
+    p.add_argument("--config", required=True, help="training config, e.g. configs/train/oscd.yaml")
+    p.add_argument("--epochs", type=int, default=None, help="override the config's epochs")
+    p.add_argument("--output-dir", default=None, help="override the config's output_dir")
+    p.add_argument("--no-resume", action="store_true", help="start from scratch even if a checkpoint exists")
+
+
+def _run_train(args: argparse.Namespace) -> int:
+    from changedet.train import train_from_config
+
+    overrides: dict = {}
+    if args.epochs is not None:
+        overrides["epochs"] = args.epochs
+    if args.output_dir is not None:
+        overrides["output_dir"] = args.output_dir
+    if args.no_resume:
+        overrides["resume"] = False
+    result = train_from_config(args.config, overrides or None)
+    pooled = (result.metrics or {}).get("pooled", result.metrics or {})
+    print(f"best checkpoint {result.best_checkpoint} (epoch {result.best_epoch}, threshold {result.threshold:.3f})")
+    if pooled:
+        print("validation " + ", ".join(f"{k} {pooled[k]:.4f}" for k in ("precision", "recall", "f1", "iou", "kappa") if k in pooled))
+    return 0
 
 
 def _run_detect(args: argparse.Namespace) -> int:
@@ -112,6 +138,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     _add_detect(sub)
     _add_evaluate(sub)
+    _add_train(sub)
     sub.add_parser("models", help="list registered models")
     return parser
 
@@ -121,7 +148,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s")
     warnings.formatwarning = lambda msg, cat, *a, **k: f"warning: {msg}\n"
-    runners = {"detect": _run_detect, "evaluate": _run_evaluate, "models": _run_models}
+    runners = {"detect": _run_detect, "evaluate": _run_evaluate, "train": _run_train, "models": _run_models}
     try:
         return runners[args.command](args)
     except ChangeDetError as exc:
