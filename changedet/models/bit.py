@@ -119,7 +119,7 @@ class BITNet(BitemporalNet):
         return [x[:batch]], [x[batch:]]
 
 
-@register_model("siam-bit-resnet18", family="transformer")
+@register_model("siam-bit-resnet18", family="siamese")
 def siam_bit_resnet18(
     in_channels: int | Sequence[int] = 3,
     fusion: str = "absdiff",
@@ -141,4 +141,5 @@ def siam_bit_resnet18(
         heads: attention heads (must divide ``token_channels``).
     """
     bands, _ = band_pair(in_channels, shared=True)
-    return BITNet(FeatureEncoder("resnet18", bands, depth=3), Fusion(fusion), token_channels, tokens, encoder_layers, decoder_layers, heads)
+    encoder = FeatureEncoder("resnet18", bands, depth=3)
+    return BITNet(encoder, Fusion(fusion), token_channels, tokens, encoder_layers, decoder_layers, heads)

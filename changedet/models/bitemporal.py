@@ -38,7 +38,8 @@ def check_pair(model: ChangeModel, t1: torch.Tensor, t2: torch.Tensor) -> None:
         raise ModelError(f"expected (B, C, H, W) tiles, got shapes {tuple(t1.shape)} and {tuple(t2.shape)}")
     bands = (t1.shape[1], t2.shape[1])
     if bands != tuple(model.in_channels):
-        raise ModelError(f"model expects {model.in_channels[0]}+{model.in_channels[1]} bands, got {bands[0]}+{bands[1]}")
+        expected = "+".join(map(str, model.in_channels))
+        raise ModelError(f"model expects {expected} bands, got {bands[0]}+{bands[1]}")
     if t1.shape[0] != t2.shape[0] or t1.shape[-2:] != t2.shape[-2:]:
         raise ModelError(f"the two dates differ in batch or tile size: {tuple(t1.shape)} vs {tuple(t2.shape)}")
 

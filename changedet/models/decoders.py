@@ -47,16 +47,20 @@ class FPNDecoder(nn.Module):
     """Feature Pyramid Network decoder (smp's ``FPNDecoder``) over the four coarsest levels; output at stride 4.
 
     ``decoder_channels = (pyramid_channels, segmentation_channels)``; the segmentation width must be
-    a multiple of 32 (GroupNorm with 32 groups).
+    a multiple of 32 and at least 64 (GroupNorm with 32 groups of at least two channels, so that a
+    single 1x1 map at stride 32 can still be normalised).
     """
 
     def __init__(self, channels: Sequence[int], decoder_channels: Sequence[int] | None = None) -> None:
         super().__init__()
-        pyramid, segmentation = decoder_channels or (64, 32)
+        widths = tuple(decoder_channels or (64, 64))
+        if len(widths) != 2:
+            raise ModelError(f"fpn decoder_channels is (pyramid, segmentation), got {list(widths)}")
+        pyramid, segmentation = widths
         if len(channels) < 4 or 0 in channels[-4:]:
             raise ModelError(f"fpn decoder needs four non-empty coarsest levels, got channels {tuple(channels)}")
-        if segmentation % 32:
-            raise ModelError(f"fpn segmentation channels must be a multiple of 32, got {segmentation}")
+        if segmentation % 32 or segmentation < 64:
+            raise ModelError(f"fpn segmentation channels must be a multiple of 32 and at least 64, got {segmentation}")
         self.decoder = SmpFPNDecoder(
             encoder_channels=list(channels[-4:]),
             encoder_depth=3,

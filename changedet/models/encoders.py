@@ -46,10 +46,10 @@ class FeatureEncoder(nn.Module):
             self.backbone = get_encoder(
                 ENCODER_ALIASES.get(name, name), in_channels=in_channels, depth=depth, weights=None
             )
-        except (KeyError, RuntimeError) as exc:
+        except (KeyError, RuntimeError, ValueError) as exc:  # smp: KeyError; timm: RuntimeError/ValueError
             raise ModelError(
-                f"unknown encoder {name!r}; use one of {', '.join(ENCODER_ALIASES)}, "
-                "an smp encoder name, or 'tu-<timm model>'"
+                f"cannot build encoder {name!r}; use one of {', '.join(ENCODER_ALIASES)}, "
+                "an smp encoder name, or 'tu-<timm model>' with features_only support"
             ) from exc
         self.name = name
         self.in_channels = in_channels

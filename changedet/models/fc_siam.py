@@ -32,7 +32,8 @@ def _convs(widths: Sequence[int], dropout: float) -> nn.Sequential:
     """3x3 conv + BatchNorm + ReLU + Dropout2d between consecutive ``widths``."""
     layers: list[nn.Module] = []
     for c_in, c_out in pairwise(widths):
-        layers += [nn.Conv2d(c_in, c_out, 3, padding=1), nn.BatchNorm2d(c_out), nn.ReLU(inplace=True), nn.Dropout2d(dropout)]
+        layers += [nn.Conv2d(c_in, c_out, 3, padding=1), nn.BatchNorm2d(c_out), nn.ReLU(inplace=True)]
+        layers.append(nn.Dropout2d(dropout))
     return nn.Sequential(*layers)
 
 

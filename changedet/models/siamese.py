@@ -7,7 +7,7 @@ The generic :func:`siamese` builder takes any encoder (:mod:`changedet.models.en
 
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from typing import Sequence
 
 import torch
 from torch import nn
@@ -67,7 +67,9 @@ def siamese(
     return SiameseNet(feature_encoder, fusion_module, create_decoder(decoder, fused_channels, decoder_channels))
 
 
-def _named(encoder: str, decoder: str) -> Callable[..., SiameseNet]:
+def _register(encoder: str, decoder: str, description: str) -> None:
+    """Register ``siam-<decoder>-<encoder>``: :func:`siamese` with that encoder and decoder fixed."""
+
     def builder(
         in_channels: int | Sequence[int] = 3,
         fusion: str = "absdiff",
@@ -75,18 +77,12 @@ def _named(encoder: str, decoder: str) -> Callable[..., SiameseNet]:
     ) -> SiameseNet:
         return siamese(encoder, decoder, fusion=fusion, in_channels=in_channels, decoder_channels=decoder_channels)
 
-    builder.__doc__ = f"Siamese {decoder.upper()} with a shared {encoder} encoder (see :func:`siamese`)."
-    return builder
+    register_model(f"siam-{decoder}-{encoder}", family="siamese", description=f"Siamese {description}")(builder)
 
 
-for _encoder, _decoder, _description in (
-    ("resnet18", "unet", "ResNet-18 encoder, U-Net decoder"),
-    ("resnet34", "unet", "ResNet-34 encoder, U-Net decoder"),
-    ("efficientnet-b0", "unet", "EfficientNet-B0 encoder, U-Net decoder"),
-    ("mobilenetv3", "unet", "MobileNetV3-Large encoder, U-Net decoder"),
-    ("mit-b0", "unet", "SegFormer MiT-B0 transformer encoder, U-Net decoder"),
-    ("resnet18", "fpn", "ResNet-18 encoder, FPN decoder"),
-):
-    register_model(f"siam-{_decoder}-{_encoder}", family="siamese", description=f"Siamese {_description}")(
-        _named(_encoder, _decoder)
-    )
+_register("resnet18", "unet", "ResNet-18 encoder, U-Net decoder")
+_register("resnet34", "unet", "ResNet-34 encoder, U-Net decoder")
+_register("efficientnet-b0", "unet", "EfficientNet-B0 encoder, U-Net decoder")
+_register("mobilenetv3", "unet", "MobileNetV3-Large encoder, U-Net decoder")
+_register("mit-b0", "unet", "SegFormer MiT-B0 transformer encoder, U-Net decoder")
+_register("resnet18", "fpn", "ResNet-18 encoder, FPN decoder")
