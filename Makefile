@@ -15,7 +15,7 @@ $(STAMP): pyproject.toml
 install: $(STAMP)
 
 demo: $(STAMP)
-	$(VENV)/bin/changedet detect --t1 data/sample/oscd_bercy/imgs_1 --t2 data/sample/oscd_bercy/imgs_2 --out outputs/demo --overwrite
+	$(PY) flows/detect.py run --t1 data/sample/oscd_bercy/imgs_1 --t2 data/sample/oscd_bercy/imgs_2 --out outputs/demo --overwrite
 	$(VENV)/bin/changedet evaluate --pred outputs/demo/change_mask.tif --label data/sample/oscd_bercy/cm/bercy-cm.tif
 
 test: $(STAMP)

@@ -25,7 +25,8 @@ def _add_detect(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--t1", required=True, help="date 1: raster file, folder of per-band files, or glob")
     p.add_argument("--t2", required=True, help="date 2: same forms as --t1")
     p.add_argument("--out", required=True, help="output folder")
-    p.add_argument("--model", default=DEFAULT_MODEL, help=f"registry name or checkpoint path (default {DEFAULT_MODEL})")
+    p.add_argument("--model", default=DEFAULT_MODEL, help=f"bundled model (oscd-s2), registry name or checkpoint path; default {DEFAULT_MODEL}: "
+                   "oscd-s2 for scenes with its 13 Sentinel-2 bands, else cva")
     p.add_argument("--tile", type=int, default=256, help="tile size in pixels (default 256)")
     p.add_argument("--overlap", type=int, default=32, help="tile overlap in pixels (default 32)")
     p.add_argument("--threshold", type=float, default=None, help="probability threshold (default: model's, else 0.5)")
@@ -37,6 +38,8 @@ def _add_detect(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--blend", default="cosine", choices=["cosine", "mean"], help="overlap blending (default cosine)")
     p.add_argument("--batch-size", type=int, default=8, help="tiles per model call (default 8)")
     p.add_argument("--device", default="cpu", help="cpu or cuda")
+    p.add_argument("--runtime", default="torch", choices=["torch", "onnx", "onnx-int8"],
+                   help="inference engine: torch, ONNX Runtime float32, or ONNX Runtime with int8 weights (CPU)")
     p.add_argument("--overwrite", action="store_true", help="replace existing outputs in --out")
     p.add_argument("--quiet", action="store_true", help="no progress bar or summary")
 
@@ -84,7 +87,7 @@ def _run_detect(args: argparse.Namespace) -> int:
     params = DetectParams(
         model=args.model, tile=args.tile, overlap=args.overlap, threshold=args.threshold, crs=args.crs,
         resolution=args.resolution, bands=args.bands, nodata=args.nodata, resampling=args.resampling,
-        blend=args.blend, batch_size=args.batch_size, device=args.device,
+        blend=args.blend, batch_size=args.batch_size, device=args.device, runtime=args.runtime,
     )
     bar = None
 

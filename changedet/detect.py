@@ -38,7 +38,7 @@ from changedet.io.polygons import polygonize_mask
 from changedet.io.scene import Scene, open_scene
 from changedet.io.writers import BlockRasterWriter, OutputStaging, write_cog
 from changedet.mosaic import StreamingMosaic
-from changedet.predictor import DEFAULT_MODEL, ModelSpec, SceneFit, TilePredictor, resolve_model
+from changedet.predictor import DEFAULT_MODEL, ModelSpec, SceneFit, TilePredictor, auto_model, resolve_model
 from changedet.tiling import Tile, plan_tiles, validate_tiling
 from changedet.tilestore import TileStore
 
@@ -69,6 +69,7 @@ class DetectParams:
     blend: str = "cosine"
     batch_size: int = 8
     device: str = "cpu"
+    runtime: str = "torch"
     sample_tiles: int = 16
     seed: int = 0
 
@@ -121,7 +122,10 @@ def content_fingerprint(t1: Scene, t2: Scene, spec: ModelSpec, params: DetectPar
 def open_inputs(t1: str | Path, t2: str | Path, params: DetectParams) -> tuple[Scene, Scene, ModelSpec]:
     """Validate parameters, resolve the model and open both dates with the model's bands."""
     params.validate()
-    spec = resolve_model(params.model)
+    if params.model == DEFAULT_MODEL:
+        spec = auto_model(open_scene(t1, params.bands, params.nodata).band_names)
+    else:
+        spec = resolve_model(params.model)
     bands1 = bands2 = list(params.bands) if params.bands else None
     if bands1 is None and spec.bands is not None:
         bands1, bands2 = spec.bands
@@ -167,7 +171,7 @@ def plan_run(t1: str | Path, t2: str | Path, params: DetectParams) -> RunPlan:
     start = time.perf_counter()
     scene1, scene2, spec = open_inputs(t1, t2, params)
     pair = align_pair(scene1, scene2, params.crs, params.resolution, params.resampling, spec.heterogeneous)
-    predictor = TilePredictor(spec, (scene1.count, scene2.count), params.device)
+    predictor = TilePredictor(spec, (scene1.count, scene2.count), params.device, params.runtime)
     tiles = plan_tiles(pair.grid.height, pair.grid.width, params.tile, params.overlap)
     batches = [list(range(i, min(i + params.batch_size, len(tiles)))) for i in range(0, len(tiles), params.batch_size)]
     threshold = params.threshold if params.threshold is not None else float(spec.metadata.get("threshold", 0.5))
@@ -193,7 +197,9 @@ def _worker_state(plan: RunPlan, store_root: str | Path) -> tuple[PairReader, Ti
     if cached is None or cached[0] != key or not cached[3].path.exists():
         if cached is not None:
             cached[1].close()
-        predictor = TilePredictor(plan.spec, (plan.pair.t1.count, plan.pair.t2.count), plan.params.device)
+        predictor = TilePredictor(
+            plan.spec, (plan.pair.t1.count, plan.pair.t2.count), plan.params.device, plan.params.runtime
+        )
         predictor.load_scene_fit(plan.scene_fit)
         _WORKER.state = (key, PairReader(plan.pair).__enter__(), predictor, open_tile_store(plan, store_root))
     return _WORKER.state[1:]

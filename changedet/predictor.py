@@ -11,10 +11,13 @@ import numpy as np
 import torch
 
 from changedet.checkpoint import load_state_dict, read_metadata
+from changedet.edge import to_runtime
 from changedet.errors import ModelError
 from changedet.models import ChangeModel, create_model, model_entry
+from changedet.weights import bundled_checkpoint
 
-DEFAULT_MODEL = "cva"
+DEFAULT_MODEL = "auto"
+AUTO_BUNDLED = "oscd-s2"
 
 
 @dataclass(frozen=True)
@@ -63,14 +66,24 @@ class ModelSpec:
 
 
 def resolve_model(spec: str) -> ModelSpec:
-    """Interpret ``--model``: an existing file is a checkpoint, anything else a registry name."""
-    path = Path(spec)
+    """Interpret ``--model``: a bundled model name (``oscd-s2``), a checkpoint file, or a registry name."""
+    bundled = bundled_checkpoint(spec)
+    path = bundled or Path(spec)
     if path.suffix in (".safetensors", ".pt", ".pth") or path.exists():
         metadata = read_metadata(path)
         model_entry(metadata["model"])
         return ModelSpec(metadata["model"], path, metadata)
     model_entry(spec)
     return ModelSpec(spec)
+
+
+def auto_model(band_names: tuple[str, ...]) -> ModelSpec:
+    """For ``--model auto``: the bundled Sentinel-2 model when the scene has its bands, else CVA."""
+    if bundled_checkpoint(AUTO_BUNDLED) is not None:
+        spec = resolve_model(AUTO_BUNDLED)
+        if spec.bands is not None and set(spec.bands[0]) <= set(band_names):
+            return spec
+    return resolve_model("cva")
 
 
 def resolve_device(device: str) -> torch.device:
@@ -86,7 +99,7 @@ def resolve_device(device: str) -> torch.device:
 class TilePredictor:
     """Runs a :class:`ChangeModel` on batches of aligned tiles and returns probability and difference."""
 
-    def __init__(self, spec: ModelSpec, in_channels: tuple[int, int], device: str = "cpu") -> None:
+    def __init__(self, spec: ModelSpec, in_channels: tuple[int, int], device: str = "cpu", runtime: str = "torch") -> None:
         self.spec = spec
         self.device = resolve_device(device)
         config = {**spec.metadata.get("config", {}), "in_channels": in_channels[0] if in_channels[0] == in_channels[1] else in_channels}
@@ -98,6 +111,10 @@ class TilePredictor:
             except RuntimeError as exc:
                 raise ModelError(f"checkpoint {spec.checkpoint} does not fit model {spec.name}: {str(exc).splitlines()[0]}") from None
         self.model.to(self.device).eval()
+        if runtime != "torch":
+            if self.device.type != "cpu":
+                raise ModelError(f"--runtime {runtime} runs on the CPU; drop --device {device}")
+            self.model = to_runtime(self.model, runtime)
         norm = spec.metadata.get("normalization")
         self.normalization = None if norm is None else tuple(
             (np.asarray(norm[d]["mean"], np.float32), np.asarray(norm[d]["std"], np.float32)) for d in ("t1", "t2")

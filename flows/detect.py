@@ -11,9 +11,10 @@ resumes with only the missing tiles.
 from __future__ import annotations
 
 import argparse
+import logging
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from prefect import flow, task, unmapped
 from prefect.artifacts import create_markdown_artifact
@@ -54,6 +55,7 @@ class DetectFlowParams(BaseModel):
     bands: list[str] | None = None
     batch_size: int = Field(8, ge=1)
     device: str = "cpu"
+    runtime: Literal["torch", "onnx", "onnx-int8"] = "torch"
     overwrite: bool = False
 
     @property
@@ -63,7 +65,7 @@ class DetectFlowParams(BaseModel):
 
     def detect_params(self) -> DetectParams:
         """The library parameters."""
-        fields = ("model", "tile", "overlap", "threshold", "crs", "resolution", "bands", "batch_size", "device")
+        fields = ("model", "tile", "overlap", "threshold", "crs", "resolution", "bands", "batch_size", "device", "runtime")
         return DetectParams(**{k: getattr(self, k) for k in fields})
 
 
@@ -199,6 +201,7 @@ def main() -> None:
     serve.add_argument("--cron", default="*/15 * * * *")
     serve.add_argument("--model", default=DEFAULT_MODEL)
     args = parser.parse_args()
+    logging.getLogger("distributed").setLevel(logging.WARNING)
     if args.command == "run":
         params = DetectFlowParams(t1=args.t1, t2=args.t2, out=args.out, model=args.model, tile=args.tile,
                                   overlap=args.overlap, batch_size=args.batch_size, overwrite=args.overwrite)

@@ -11,7 +11,6 @@ Unset fields keep the builder's defaults; a field the named model does not take 
 
 from __future__ import annotations
 
-import inspect
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +20,7 @@ from pydantic import BaseModel, ConfigDict, Field, PositiveInt, ValidationError,
 from changedet.errors import ModelError
 from changedet.models.base import ChangeModel
 from changedet.models.fusion import FusionMode
-from changedet.models.registry import create_model, list_models, model_entry
+from changedet.models.registry import check_builder_kwargs, create_model, list_models
 
 
 class ModelConfig(BaseModel):
@@ -53,12 +52,10 @@ class ModelConfig(BaseModel):
 
     @model_validator(mode="after")
     def _accepted_by_builder(self) -> ModelConfig:
-        parameters = inspect.signature(model_entry(self.name).builder).parameters
-        takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values())
-        unknown = sorted(set(self.builder_kwargs()) - set(parameters))
-        if unknown and not takes_any:
-            accepted = ", ".join(p for p in parameters if parameters[p].kind is not inspect.Parameter.VAR_KEYWORD)
-            raise ValueError(f"model {self.name!r} does not take {', '.join(unknown)}; it takes {accepted}")
+        try:
+            check_builder_kwargs(self.name, self.builder_kwargs())
+        except ModelError as exc:
+            raise ValueError(str(exc)) from None
         return self
 
     def builder_kwargs(self) -> dict[str, Any]:

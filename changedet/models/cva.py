@@ -16,6 +16,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from changedet.errors import ModelError
 from changedet.models.base import ChangeModel
 from changedet.models.output import ChangeOutput
 from changedet.models.registry import register_model
@@ -96,6 +97,10 @@ class ChangeVectorAnalysis(ChangeModel):
 
 
 @register_model("cva", family="classical")
-def cva(in_channels: int = 3, **_: object) -> ChangeVectorAnalysis:
+def cva(in_channels: int | tuple[int, int] = 3, **_: object) -> ChangeVectorAnalysis:
     """Change vector analysis magnitude + Otsu threshold (no training; the baseline)."""
+    if not isinstance(in_channels, int):
+        if len(set(in_channels)) != 1:
+            raise ModelError(f"cva compares band vectors: both dates need the same bands, got {tuple(in_channels)}")
+        in_channels = in_channels[0]
     return ChangeVectorAnalysis(in_channels=in_channels)

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import fnmatch
+import inspect
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Iterable
 
 from changedet.errors import ModelError
 from changedet.models.base import ChangeModel
@@ -50,6 +51,17 @@ def model_entry(name: str) -> ModelEntry:
         raise ModelError(f"unknown model {name!r}; registered models: {', '.join(list_models())}") from None
 
 
+def check_builder_kwargs(name: str, kwargs: Iterable[str]) -> None:
+    """:class:`ModelError` naming the accepted arguments if the builder of ``name`` does not take ``kwargs``."""
+    parameters = inspect.signature(model_entry(name).builder).parameters
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values()):
+        return
+    unknown = sorted(set(kwargs) - set(parameters))
+    if unknown:
+        raise ModelError(f"model {name!r} does not take {', '.join(unknown)}; it takes {', '.join(parameters)}")
+
+
 def create_model(name: str, **cfg) -> ChangeModel:
     """Build the registered model ``name`` with keyword configuration ``cfg``."""
+    check_builder_kwargs(name, cfg)
     return model_entry(name).builder(**cfg)

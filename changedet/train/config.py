@@ -31,9 +31,10 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, PositiveInt, ValidationError, field_validator, model_validator
 
-from changedet.errors import ChangeDetError
+from changedet.errors import ChangeDetError, ModelError
 from changedet.losses import build_loss
-from changedet.models import list_models, model_entry
+from changedet.models import list_models
+from changedet.models.registry import check_builder_kwargs
 
 
 class ConfigError(ChangeDetError):
@@ -93,15 +94,12 @@ class ModelSection(_Strict):
 
     @model_validator(mode="after")
     def _builder_takes(self) -> "ModelSection":
-        import inspect
-
         if "in_channels" in self.config:
             raise ValueError("model.config must not set in_channels: it follows from the selected bands")
-        params = inspect.signature(model_entry(self.name).builder).parameters
-        if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
-            unknown = sorted(set(self.config) - set(params))
-            if unknown:
-                raise ValueError(f"model {self.name!r} does not take {', '.join(unknown)}; it takes {', '.join(params)}")
+        try:
+            check_builder_kwargs(self.name, self.config)
+        except ModelError as exc:
+            raise ValueError(str(exc)) from None
         return self
 
 

@@ -258,6 +258,7 @@ class Trainer:
             "seed": s.seed,
             "device": str(self.device),
             "amp": self.amp,
+            "validation": {"tile": s.val_tile, "overlap": s.val_overlap},
         }
 
     def metadata(self, metrics: dict[str, Any] | None, threshold: float) -> dict[str, Any]:
