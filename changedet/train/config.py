@@ -33,8 +33,8 @@ from pydantic import BaseModel, ConfigDict, Field, PositiveInt, ValidationError,
 
 from changedet.errors import ChangeDetError, ModelError
 from changedet.losses import build_loss
-from changedet.models import list_models
-from changedet.models.registry import check_builder_kwargs
+from changedet.models.config import ModelConfig
+from changedet.models.registry import check_builder_kwargs, model_entry
 
 
 class ConfigError(ChangeDetError):
@@ -85,21 +85,16 @@ class ModelSection(_Strict):
     name: str
     config: dict[str, Any] = Field(default_factory=dict)
 
-    @field_validator("name")
-    @classmethod
-    def _registered(cls, name: str) -> str:
-        if name not in list_models():
-            raise ValueError(f"unknown model {name!r}; registered models: {', '.join(list_models())}")
-        return name
-
     @model_validator(mode="after")
-    def _builder_takes(self) -> "ModelSection":
+    def _valid_model(self) -> "ModelSection":
         if "in_channels" in self.config:
             raise ValueError("model.config must not set in_channels: it follows from the selected bands")
         try:
-            check_builder_kwargs(self.name, self.config)
+            model_entry(self.name)  # unknown model: the reason names the registered ones
+            check_builder_kwargs(self.name, self.config)  # the reason names what the builder takes
         except ModelError as exc:
             raise ValueError(str(exc)) from None
+        ModelConfig(name=self.name, **self.config)  # value types: the same checks as configs/models/*.yaml
         return self
 
 
