@@ -33,7 +33,7 @@ import torch
 
 import changedet
 from changedet.align import AlignedPair, PairReader, align_pair
-from changedet.errors import ChangeDetError, InputError
+from changedet.errors import ChangeDetError, InputError, ModelError
 from changedet.io.polygons import polygonize_mask
 from changedet.io.scene import Scene, open_scene
 from changedet.io.writers import BlockRasterWriter, OutputStaging, write_cog
@@ -127,7 +127,12 @@ def open_inputs(t1: str | Path, t2: str | Path, params: DetectParams) -> tuple[S
     else:
         spec = resolve_model(params.model)
     bands1 = bands2 = list(params.bands) if params.bands else None
-    if bands1 is None and spec.bands is not None:
+    if spec.bands is not None:
+        if bands1 is not None and [b.upper() for b in bands1] != [b.upper() for b in spec.bands[0]]:
+            raise ModelError(
+                f"model {params.model} was trained on bands {','.join(spec.bands[0])}; "
+                f"--bands {','.join(bands1)} does not match (omit --bands to let the model pick its bands)"
+            )
         bands1, bands2 = spec.bands
     return open_scene(t1, bands1, params.nodata), open_scene(t2, bands2, params.nodata), spec
 

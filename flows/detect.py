@@ -11,6 +11,7 @@ resumes with only the missing tiles.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import logging
 import time
 from pathlib import Path
@@ -80,6 +81,11 @@ def _only_io_errors(task_: Any, task_run: Any, state: Any) -> bool:
     return isinstance(state.data, OSError) and not isinstance(state.data, ChangeDetError)
 
 
+def _paths_key(params: DetectFlowParams) -> str:
+    paths = "|".join(str(Path(p).resolve()) for p in (params.t1, params.t2))
+    return hashlib.blake2b(paths.encode(), digest_size=8).hexdigest()
+
+
 @task(retries=2, retry_delay_seconds=2, retry_condition_fn=_only_io_errors)
 def fingerprint(params: DetectFlowParams) -> str:
     """Content fingerprint of inputs + model + parameters."""
@@ -90,11 +96,15 @@ def fingerprint(params: DetectFlowParams) -> str:
     retries=2,
     retry_delay_seconds=2,
     retry_condition_fn=_only_io_errors,
-    cache_key_fn=lambda ctx, p: f"changedet-plan-{p['content_key']}",
+    cache_key_fn=lambda ctx, p: f"changedet-plan-{p['content_key']}-{_paths_key(p['params'])}",
     persist_result=True,
 )
 def plan(params: DetectFlowParams, content_key: str) -> RunPlan:
-    """Align the pair, plan tiles, fit scene statistics (cached on the content fingerprint)."""
+    """Align the pair, plan tiles, fit scene statistics.
+
+    Cached on the content fingerprint (new bytes under the same paths are re-planned) plus the input
+    paths, because a plan holds the paths it reads from.
+    """
     return plan_run(params.t1, params.t2, params.detect_params())
 
 

@@ -1,0 +1,67 @@
+"""Benchmark: train the OSCD 13-band model (leave-cities-out) and print the validation table.
+
+    python benchmarks/train_oscd.py                      # train with configs/train/oscd_bundled.yaml (resumes)
+    python benchmarks/train_oscd.py --report-only        # table of an existing output folder
+    python benchmarks/train_oscd.py --report-only --bundle   # also copy best.safetensors into changedet/weights
+
+Prints per-city and pooled validation metrics (full scenes, threshold tuned on validation, plus F1 at
+0.5), training minutes (sum of epoch times), model size, and the best epoch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from safetensors.torch import load_file, save_file
+
+from changedet.checkpoint import METADATA_KEY, read_metadata
+from changedet.train import load_train_config, train_from_config
+from changedet.weights import BUNDLED, bundled_checkpoint
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def table(out_dir: Path) -> None:
+    meta = read_metadata(out_dir / "best.safetensors")
+    history = json.loads((out_dir / "result.json").read_text())["history"]
+    metrics = meta["metrics"]
+    print(f"{'city':>10} {'precision':>9} {'recall':>7} {'F1':>7} {'IoU':>7} {'OA':>7} {'kappa':>7}")
+    rows = sorted(metrics["per_scene"].items()) + [("pooled", metrics["pooled"]), ("pooled@0.5", metrics["pooled_at_0.5"])]
+    for name, m in rows:
+        print(f"{name:>10} {m['precision']:>9.4f} {m['recall']:>7.4f} {m['f1']:>7.4f} {m['iou']:>7.4f} {m['oa']:>7.4f} {m['kappa']:>7.4f}")
+    minutes = sum(h.get("train_seconds", 0) + (h.get("val") or {}).get("seconds", 0) for h in history) / 60
+    size = (out_dir / "best.safetensors").stat().st_size / 2**20
+    print(f"\nmodel {meta['model']} {meta['config']}, {size:.2f} MiB; threshold {meta['threshold']:.3f} (tuned on validation)")
+    print(f"best epoch {meta['training']['best_epoch']} of {len(history)} run; training time {minutes:.1f} min on {meta['training']['device']}")
+    print(f"train cities: {', '.join(meta['split']['train'])}; validation cities: {', '.join(meta['split']['val'])}")
+
+
+def bundle(out_dir: Path, config: Path) -> Path:
+    """Copy the best checkpoint into the package as the ``oscd-s2`` model."""
+    meta = read_metadata(out_dir / "best.safetensors")
+    cfg = load_train_config(config)
+    meta["training"].setdefault("validation", {"tile": cfg.validation.tile, "overlap": cfg.validation.overlap})
+    meta["source_config"] = str(config.relative_to(ROOT)) if config.is_absolute() else str(config)
+    target = bundled_checkpoint("oscd-s2") or ROOT / "changedet" / "weights" / BUNDLED["oscd-s2"]
+    save_file(load_file(str(out_dir / "best.safetensors")), str(target), metadata={METADATA_KEY: json.dumps(meta)})
+    return target
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", type=Path, default=Path("configs/train/oscd_bundled.yaml"))
+    parser.add_argument("--report-only", action="store_true")
+    parser.add_argument("--bundle", action="store_true")
+    args = parser.parse_args()
+    out_dir = Path(load_train_config(args.config).output_dir)
+    if not args.report_only:
+        train_from_config(args.config)
+    table(out_dir)
+    if args.bundle:
+        print(f"bundled as {bundle(out_dir, args.config)}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,45 @@
+"""The bundled OSCD Sentinel-2 model: default for 13-band scenes, reproduces its recorded validation F1."""
+
+import json
+
+import pytest
+
+from changedet.checkpoint import read_metadata
+from changedet.cli import main
+from changedet.detect import MASK, DetectParams, detect_changes
+from changedet.evaluate import evaluate_mask
+from changedet.predictor import auto_model, resolve_model
+from changedet.weights import bundled_checkpoint
+
+CHECKPOINT = bundled_checkpoint("oscd-s2")
+
+
+def test_bundled_checkpoint_is_small_and_self_describing():
+    assert CHECKPOINT is not None and CHECKPOINT.stat().st_size < 8 * 2**20
+    meta = read_metadata(CHECKPOINT)
+    assert meta["bands"]["t1"] == ["B01", "B02", "B03", "B04", "B05", "B06", "B07", "B08", "B8A", "B09", "B10", "B11", "B12"]
+    assert "bercy" in meta["split"]["val"] and "bercy" not in meta["split"]["train"]
+    assert len(meta["normalization"]["t1"]["mean"]) == 13
+
+
+def test_auto_picks_the_bundled_model_only_for_its_bands():
+    assert auto_model(tuple(read_metadata(CHECKPOINT)["bands"]["t1"])).name == resolve_model("oscd-s2").name
+    assert auto_model(("B1", "B2", "B3")).name == "cva"
+
+
+def test_reproduces_recorded_validation_f1_on_the_sample_city(sample_city, tmp_path):
+    meta = read_metadata(CHECKPOINT)
+    recorded = meta["metrics"]["per_scene"]["bercy"]
+    validation = meta["training"]["validation"]  # the tiling of the trainer's full-scene validation
+    params = DetectParams(model="oscd-s2", tile=validation["tile"], overlap=validation["overlap"])
+    result = detect_changes(sample_city / "imgs_1", sample_city / "imgs_2", tmp_path / "out", params)
+    assert result.summary["threshold"] == pytest.approx(meta["threshold"])
+    metrics = evaluate_mask(result.path(MASK), sample_city / "cm" / "bercy-cm.tif")
+    assert metrics["f1"] == pytest.approx(recorded["f1"], abs=1e-6)
+    assert metrics["tp"] == recorded["tp"] and metrics["fp"] == recorded["fp"]
+
+
+def test_scene_without_a_model_band_is_refused_with_the_reason(sample_city, tmp_path, capsys):
+    rc = main(["detect", "--t1", str(sample_city / "imgs_1"), "--t2", str(sample_city / "imgs_2"),
+               "--out", str(tmp_path / "o"), "--model", "oscd-s2", "--bands", "B02,B03,B04", "--quiet"])
+    assert rc == 2 and "band" in capsys.readouterr().err
