@@ -70,6 +70,7 @@ class DetectParams:
     batch_size: int = 8
     device: str = "cpu"
     runtime: str = "torch"
+    threads: int | None = None  # torch intra-op threads per worker (None: torch's default)
     sample_tiles: int = 16
     seed: int = 0
 
@@ -113,7 +114,7 @@ def content_fingerprint(t1: Scene, t2: Scene, spec: ModelSpec, params: DetectPar
         digest.update(json.dumps([(b.name, b.index) for b in scene.bands]).encode())
     if spec.checkpoint is not None:
         _hash_file(str(spec.checkpoint), digest)
-    settings = {k: v for k, v in asdict(params).items() if k not in ("model", "threshold", "device")}
+    settings = {k: v for k, v in asdict(params).items() if k not in ("model", "threshold", "device", "threads")}
     settings["model"] = spec.name
     digest.update(json.dumps(settings, sort_keys=True, default=str).encode())
     return digest.hexdigest()
@@ -202,6 +203,8 @@ def _worker_state(plan: RunPlan, store_root: str | Path) -> tuple[PairReader, Ti
     if cached is None or cached[0] != key or not cached[3].path.exists():
         if cached is not None:
             cached[1].close()
+        if plan.params.threads:
+            torch.set_num_threads(plan.params.threads)
         predictor = TilePredictor(
             plan.spec, (plan.pair.t1.count, plan.pair.t2.count), plan.params.device, plan.params.runtime
         )

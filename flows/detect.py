@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import logging
+import os
 import time
 from pathlib import Path
 from typing import Any, Literal
@@ -57,6 +58,7 @@ class DetectFlowParams(BaseModel):
     batch_size: int = Field(8, ge=1)
     device: str = "cpu"
     runtime: Literal["torch", "onnx", "onnx-int8"] = "torch"
+    threads: int | None = Field(None, ge=1, description="torch threads per Dask worker (Dask sets 1 by default)")
     overwrite: bool = False
 
     @property
@@ -66,7 +68,7 @@ class DetectFlowParams(BaseModel):
 
     def detect_params(self) -> DetectParams:
         """The library parameters."""
-        fields = ("model", "tile", "overlap", "threshold", "crs", "resolution", "bands", "batch_size", "device", "runtime")
+        fields = ("model", "tile", "overlap", "threshold", "crs", "resolution", "bands", "batch_size", "device", "runtime", "threads")
         return DetectParams(**{k: getattr(self, k) for k in fields})
 
 
@@ -213,8 +215,9 @@ def main() -> None:
     args = parser.parse_args()
     logging.getLogger("distributed").setLevel(logging.WARNING)
     if args.command == "run":
+        threads = None if args.dask_address else max(1, (os.cpu_count() or 1) // args.workers)
         params = DetectFlowParams(t1=args.t1, t2=args.t2, out=args.out, model=args.model, tile=args.tile,
-                                  overlap=args.overlap, batch_size=args.batch_size, overwrite=args.overwrite)
+                                  overlap=args.overlap, batch_size=args.batch_size, overwrite=args.overwrite, threads=threads)
         detect_pair.with_options(task_runner=task_runner(args.dask_address, args.workers))(params)
     else:
         process_inbox.serve(
