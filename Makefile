@@ -3,6 +3,8 @@ PYTHON ?= python3.11
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
+# No network here: keep Prefect's ephemeral server from phoning home.
+export PREFECT_SERVER_ANALYTICS_ENABLED := false
 
 .PHONY: demo test install clean
 
