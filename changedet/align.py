@@ -23,7 +23,7 @@ from rasterio.windows import Window
 
 from changedet.errors import GridError, InputError
 from changedet.grid import Grid
-from changedet.io.scene import BandSource, Scene
+from changedet.io.scene import BandSource, Scene, open_raster
 
 RESAMPLING_CHOICES = ("nearest", "bilinear", "cubic", "average", "lanczos")
 
@@ -133,9 +133,7 @@ class _FileReader:
     """Reads the requested bands of one file on the target grid (direct window or WarpedVRT)."""
 
     def __init__(self, path: str, bands: list[BandSource], grid: Grid, resampling: str) -> None:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", NotGeoreferencedWarning)
-            self.dataset = rasterio.open(path)
+        self.dataset = open_raster(path)
         self.indexes = [b.index for b in bands]
         self.nodata = [b.nodata for b in bands]
         own = bands[0].grid

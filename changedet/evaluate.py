@@ -3,31 +3,20 @@
 from __future__ import annotations
 
 import json
-import warnings
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import rasterio
 from rasterio.enums import Resampling
-from rasterio.errors import NotGeoreferencedWarning, RasterioIOError
 from rasterio.vrt import WarpedVRT
 from rasterio.windows import Window
 
 from changedet.errors import GridError, InputError
 from changedet.grid import Grid
+from changedet.io.scene import open_raster
 from changedet.metrics import Confusion
 
 STRIP = 1024
-
-
-def _open(path: str | Path):
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", NotGeoreferencedWarning)
-            return rasterio.open(path)
-    except RasterioIOError as exc:
-        raise InputError(f"cannot read raster {path}: {str(exc).splitlines()[0]}") from None
 
 
 def infer_label_coding(values: set[int]) -> tuple[int, set[int]]:
@@ -82,7 +71,7 @@ def evaluate_mask(
     ``change_value`` is given.
     """
     pred_path = Path(pred_path)
-    with _open(pred_path) as pred, _open(label_path) as label:
+    with open_raster(pred_path) as pred, open_raster(label_path) as label:
         grid = Grid.from_dataset(pred)
         read_label = _label_window_reader(label, grid, pred_path)
         windows = [Window(0, r, grid.width, min(STRIP, grid.height - r)) for r in range(0, grid.height, STRIP)]

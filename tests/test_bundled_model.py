@@ -1,6 +1,5 @@
 """The bundled OSCD Sentinel-2 model: default for 13-band scenes, reproduces its recorded validation F1."""
 
-import json
 
 import pytest
 

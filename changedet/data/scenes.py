@@ -29,7 +29,6 @@ from pathlib import Path
 from typing import Sequence
 
 import numpy as np
-import rasterio
 from rasterio.enums import Resampling
 from rasterio.errors import NotGeoreferencedWarning
 from rasterio.vrt import WarpedVRT
@@ -39,7 +38,7 @@ from changedet.align import AlignedPair, PairReader, align_pair
 from changedet.errors import GridError, InputError
 from changedet.evaluate import infer_label_coding
 from changedet.grid import Grid
-from changedet.io.scene import RASTER_SUFFIXES, Scene, open_scene
+from changedet.io.scene import RASTER_SUFFIXES, Scene, open_raster, open_scene
 
 #: Label value of pixels without a label (OSCD 0, outside the label raster, user ignore values).
 IGNORE = 255
@@ -239,12 +238,6 @@ def discover_scenes(root: str | Path, layout: str = "auto", labelled_only: bool 
 # --------------------------------------------------------------------------------------------
 
 
-def _open_raster(path: str):
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", NotGeoreferencedWarning)
-        return rasterio.open(path)
-
-
 def read_label(record: SceneRecord, pair: AlignedPair) -> np.ndarray:
     """The label on ``pair.grid`` as ``uint8``: 0 no change, 1 change, :data:`IGNORE` unknown.
 
@@ -254,7 +247,7 @@ def read_label(record: SceneRecord, pair: AlignedPair) -> np.ndarray:
     """
     assert record.label is not None
     grid = pair.grid
-    with _open_raster(record.label) as ds:
+    with open_raster(record.label) as ds:
         label_grid = Grid.from_dataset(ds)
         if label_grid.crs is not None and grid.crs is not None:
             if label_grid.same_lattice(grid):

@@ -7,22 +7,20 @@ Geometry is traced in integer pixel coordinates (exact unions) and mapped to the
 
 from __future__ import annotations
 
-import warnings
 from pathlib import Path
 
 import geopandas as gpd
 import numpy as np
-import rasterio
 import shapely
 from affine import Affine
 from pyproj import Geod
-from rasterio.errors import NotGeoreferencedWarning
 from rasterio.features import shapes
 from rasterio.windows import Window
 from scipy import ndimage
 from shapely.geometry import shape
 
 from changedet.grid import Grid
+from changedet.io.scene import open_raster
 
 STRIP = 1024
 
@@ -74,10 +72,7 @@ def polygonize_mask(
     and ``mean_prob`` (mean change probability from ``prob_path``).
     Returns the feature count and the total changed area in m² (0 without CRS).
     """
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", NotGeoreferencedWarning)
-        mask_ds, prob_ds = rasterio.open(mask_path), rasterio.open(prob_path)
-    with mask_ds, prob_ds:
+    with open_raster(mask_path) as mask_ds, open_raster(prob_path) as prob_ds:
         grid = Grid.from_dataset(mask_ds)
         uf = _UnionFind()
         pixels: list[float] = [0.0]

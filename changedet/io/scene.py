@@ -60,7 +60,9 @@ class Scene:
         return min(self.bands, key=lambda b: b.grid.res[0] * b.grid.res[1])
 
 
-def _open(path: str):
+def open_raster(path: str | Path):
+    """``rasterio.open`` for reading, without the warning for rasters that have no georeference;
+    :class:`InputError` with GDAL's reason when the file cannot be read."""
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", NotGeoreferencedWarning)
@@ -71,7 +73,7 @@ def _open(path: str):
 
 
 def _band_sources(path: str, name_prefix: str | None, nodata: float | None) -> list[BandSource]:
-    with _open(path) as ds:
+    with open_raster(path) as ds:
         if ds.count == 0 or ds.width == 0 or ds.height == 0:
             raise InputError(f"raster {path} is empty ({ds.count} bands, {ds.height}x{ds.width} px)")
         try:  # the last pixel lives in the last block: a truncated file fails here, not mid-run
