@@ -8,7 +8,8 @@ Two layers:
   ``semi-hard``) and :func:`quadruplet_loss` on ``(N, D)`` embeddings with labels;
 * **thin modules** with one signature, ``loss(output: ChangeOutput, target, valid) -> scalar``,
   built by name through :func:`build_loss` (``"bce"``, ``"dice"``, ``"focal"``, ``"contrastive"``,
-  ``"triplet"``, ``"quadruplet"`` and weighted sums such as ``"bce+dice"`` or ``"bce+0.5*contrastive"``).
+  ``"triplet"``, ``"quadruplet"``, ``"crossmodal"`` and weighted sums such as ``"bce+dice"`` or
+  ``"bce+0.5*contrastive"``).
 
 ``target`` is the change label ``(B, H, W)`` (or ``(B, 1, H, W)``) in {0, 1}; ``valid`` an optional
 boolean mask of the same shape (nodata and ignored label pixels are False). Every pixel loss
@@ -22,13 +23,21 @@ triplet then pulls together the two dates of an unchanged pixel and pushes away 
 (in particular the other date of a changed pixel); the quadruplet's second term asks every
 unchanged pair to be closer than any pair of points with two other labels (e.g. both dates of a
 changed pixel).
+
+Cross-modal representation learning (``crossmodal``, for pseudo-Siamese encoders of two
+modalities): the same sampled identities, with *other locations* as negatives. Online mining
+(:func:`mine_triplets`, hard negatives by default) picks for every location's date-1 and date-2
+embedding its cross-date positive and its hardest negative; :func:`cross_modal_contrastive_loss`
+applies :func:`contrastive_loss` to those positive and negative pairs and :func:`triplet_loss` is
+added on the same sample.
 """
 
 from __future__ import annotations
 
 import math
 import re
-from typing import Any, Callable, Literal
+from collections.abc import Callable
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -320,6 +329,29 @@ def quadruplet_loss(
     return first + second
 
 
+def cross_modal_contrastive_loss(
+    embeddings: torch.Tensor,
+    labels: torch.Tensor,
+    margin: float = 0.5,
+    mining: str = "batch-hard",
+) -> torch.Tensor:
+    """:func:`contrastive_loss` on mined positive and negative pairs of ``(N, D)`` embeddings.
+
+    Distances are half the L2 distance of the L2-normalised embeddings (in [0, 1], like the
+    models' difference map). Every triplet ``(a, p, n)`` of :func:`mine_triplets` gives a positive
+    pair ``(a, p)`` (pulled to 0) and a negative pair ``(a, n)`` (pushed beyond ``margin``); the
+    two classes are averaged separately (``balanced``). Returns 0 (with a gradient path) when
+    no triplet exists.
+    """
+    dist = pairwise_distances(F.normalize(embeddings, dim=1)) / 2
+    a, p, n = mine_triplets(dist, labels, mining)
+    if a.numel() == 0:
+        return embeddings.sum() * 0.0
+    pairs = torch.cat([dist[a, p], dist[a, n]])
+    negative = torch.cat([torch.zeros_like(dist[a, p]), torch.ones_like(dist[a, n])])
+    return contrastive_loss(pairs, negative, margin=margin, balanced=True)
+
+
 def pair_embedding_samples(
     embeddings_t1: torch.Tensor,
     embeddings_t2: torch.Tensor,
@@ -512,6 +544,33 @@ class QuadrupletLoss(_EmbeddingLoss):
         return quadruplet_loss(emb, labels, self.margin1, self.margin2, self.mining, self.squared, self.normalize)
 
 
+class CrossModalLoss(_EmbeddingLoss):
+    """Cross-modal representation loss on sampled per-date embeddings (see the module docstring):
+    :func:`cross_modal_contrastive_loss` + ``triplet_weight`` * :func:`triplet_loss`, one mining."""
+
+    name = "crossmodal"
+
+    def __init__(
+        self,
+        margin: float = 0.2,
+        contrastive_margin: float = 0.5,
+        mining: str = "batch-hard",
+        triplet_weight: float = 1.0,
+        max_per_class: int = 64,
+        seed: int = 0,
+        patch: int = 1,
+    ) -> None:
+        super().__init__(max_per_class, True, seed, patch)
+        if mining not in MINING_STRATEGIES:
+            raise ValueError(f"unknown mining strategy {mining!r}; choose one of {', '.join(MINING_STRATEGIES)}")
+        self.margin, self.contrastive_margin, self.mining, self.triplet_weight = margin, contrastive_margin, mining, triplet_weight
+
+    def forward(self, output: ChangeOutput, target: torch.Tensor, valid: torch.Tensor | None = None) -> torch.Tensor:
+        emb, labels = self.samples(output, target, valid)
+        contrastive = cross_modal_contrastive_loss(emb, labels, self.contrastive_margin, self.mining)
+        return contrastive + self.triplet_weight * triplet_loss(emb, labels, self.margin, self.mining, normalize=True)
+
+
 class CompositeLoss(ChangeLoss):
     """A weighted sum of named losses; :attr:`last` holds the latest value of each part (floats)."""
 
@@ -542,6 +601,7 @@ LOSSES: dict[str, Callable[..., ChangeLoss]] = {
     "contrastive": ContrastiveLoss,
     "triplet": TripletLoss,
     "quadruplet": QuadrupletLoss,
+    "crossmodal": CrossModalLoss,
 }
 
 _TERM = re.compile(r"^\s*(?:(?P<weight>\d+(?:\.\d*)?|\.\d+)\s*\*\s*)?(?P<name>[a-z_]+)\s*$")
@@ -609,19 +669,21 @@ def build_loss(name: str, **kwargs: Any) -> ChangeLoss:
 
 
 __all__ = [
+    "LOSSES",
+    "MINING_STRATEGIES",
     "BCELoss",
     "ChangeLoss",
     "CompositeLoss",
     "ContrastiveLoss",
+    "CrossModalLoss",
     "DiceLoss",
     "FocalLoss",
-    "LOSSES",
-    "MINING_STRATEGIES",
     "QuadrupletLoss",
     "TripletLoss",
     "bce_loss",
     "build_loss",
     "contrastive_loss",
+    "cross_modal_contrastive_loss",
     "dice_loss",
     "focal_loss",
     "list_losses",

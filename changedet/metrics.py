@@ -16,7 +16,7 @@ class Confusion:
     fn: int = 0
     tn: int = 0
 
-    def update(self, pred: np.ndarray, target: np.ndarray, valid: np.ndarray | None = None) -> "Confusion":
+    def update(self, pred: np.ndarray, target: np.ndarray, valid: np.ndarray | None = None) -> Confusion:
         """Add boolean ``pred``/``target`` pixels (only where ``valid``); returns self."""
         pred, target = np.asarray(pred, bool), np.asarray(target, bool)
         if valid is not None:
@@ -27,7 +27,7 @@ class Confusion:
         self.tn += int(np.count_nonzero(~pred & ~target))
         return self
 
-    def __add__(self, other: "Confusion") -> "Confusion":
+    def __add__(self, other: Confusion) -> Confusion:
         return Confusion(self.tp + other.tp, self.fp + other.fp, self.fn + other.fn, self.tn + other.tn)
 
     @property
@@ -57,3 +57,16 @@ def change_metrics(tp: int, fp: int, fn: int, tn: int) -> dict[str, float]:
         "oa": oa,
         "kappa": _ratio(oa - expected, 1 - expected) if n else float("nan"),
     }
+
+
+def classification_metrics(pred: np.ndarray, target: np.ndarray, n_classes: int | None = None) -> dict[str, float]:
+    """Multi-class overall accuracy, average (per-class) accuracy and Cohen's kappa of integer labels."""
+    pred, target = np.asarray(pred).ravel(), np.asarray(target).ravel()
+    n = int(max(pred.max(initial=0), target.max(initial=0)) + 1) if n_classes is None else n_classes
+    confusion = np.bincount(target * n + pred, minlength=n * n).reshape(n, n).astype(np.float64)
+    total = confusion.sum()
+    oa = _ratio(np.trace(confusion), total)
+    expected = _ratio(float(confusion.sum(0) @ confusion.sum(1)), total * total)
+    present = confusion.sum(1) > 0
+    aa = float(np.mean(np.diag(confusion)[present] / confusion.sum(1)[present])) if present.any() else float("nan")
+    return {"oa": oa, "aa": aa, "kappa": _ratio(oa - expected, 1 - expected)}

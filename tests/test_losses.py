@@ -222,7 +222,7 @@ def test_every_loss_module_backpropagates(name: str) -> None:
     assert loss.ndim == 0 and torch.isfinite(loss)
     loss.backward()
     used = {"bce": out.logits, "dice": out.logits, "focal": out.logits, "contrastive": out.difference,
-            "triplet": out.embeddings_t1, "quadruplet": out.embeddings_t1}[name]  # fmt: skip
+            "triplet": out.embeddings_t1, "quadruplet": out.embeddings_t1, "crossmodal": out.embeddings_t1}[name]  # fmt: skip
     assert used.grad is not None and used.grad.abs().sum() > 0
 
 
