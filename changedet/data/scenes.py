@@ -446,6 +446,19 @@ class ChangeScene:
             self._cache = _Cached(x1, x2, valid)
         return self
 
+    def pixels(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """The whole ``x1, x2, valid`` (cached in memory first)."""
+        cached = self.cache()._cache
+        return cached.x1, cached.x2, cached.valid
+
+    def with_pixels(self, x1: np.ndarray, x2: np.ndarray) -> ChangeScene:
+        """An in-memory copy of this scene with other pixel values (same grid, valid mask and label)."""
+        valid = self.pixels()[2]
+        if x1.shape[1:] != valid.shape or x2.shape[1:] != valid.shape:
+            raise InputError(f"pixels of shape {x1.shape}/{x2.shape} do not fit scene {self.name} {valid.shape}")
+        label = self.label if self.labelled else None
+        return ChangeScene(self.record, self.pair, label, _Cached(x1.astype(np.float32), x2.astype(np.float32), valid))
+
     def reader(self) -> PairReader | _CacheReader:
         """A reader with ``read(window)``: the cache, or this process's open :class:`PairReader`."""
         if self._cache is not None:

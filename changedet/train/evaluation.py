@@ -25,6 +25,10 @@ from changedet.tiling import plan_tiles
 
 DEFAULT_BINS = 1000
 
+#: ``forward(x1, x2, valid, label) -> prob``: one batch of raw tiles ``(B, C, h, w)``, valid masks and
+#: labels ``(B, h, w)`` to change probabilities ``(B, h, w)`` (see :func:`predict_scene`).
+TileForward = Callable[[np.ndarray, np.ndarray, np.ndarray, np.ndarray], np.ndarray]
+
 
 @dataclass
 class ProbabilityHistogram:
@@ -125,11 +129,14 @@ def predict_scene(
     device: torch.device | str = "cpu",
     amp: bool = False,
     blend: str = "cosine",
+    forward: TileForward | None = None,
 ) -> None:
     """Sliding-window prediction of a whole scene; ``sink(row_off, prob (n, W), valid (n, W))`` gets rows in order.
 
     Tiles are normalised as :class:`changedet.predictor.TilePredictor` does (``(x - mean) / std``,
-    invalid pixels 0) and blended as ``changedet detect`` blends them.
+    invalid pixels 0) and blended as ``changedet detect`` blends them. ``forward`` replaces the
+    normalise-and-predict step of each batch (e.g. an adversarial attack per tile); it gets the raw
+    tiles and their labels.
     """
     (m1, s1), (m2, s2) = normalization_arrays(normalization)
     h, w = scene.shape
@@ -152,12 +159,16 @@ def predict_scene(
                     mosaic.skip(t)
             if not live:
                 continue
-            z1 = np.stack([np.where(r[2][None], (r[0] - m1) / s1, 0) for _, r in live]).astype(np.float32)
-            z2 = np.stack([np.where(r[2][None], (r[1] - m2) / s2, 0) for _, r in live]).astype(np.float32)
-            t1 = torch.from_numpy(z1).to(device)
-            t2 = torch.from_numpy(z2).to(device)
-            with torch.inference_mode(), torch.autocast(device.type, enabled=amp and device.type == "cuda"):
-                prob = torch.sigmoid(model(t1, t2).logits.float())[:, 0].cpu().numpy()
+            if forward is not None:
+                x1, x2, valid = (np.stack([r[k] for _, r in live]) for k in range(3))
+                prob = forward(x1, x2, valid, np.stack([scene.label_window(t.window) for t, _ in live]))
+            else:
+                z1 = np.stack([np.where(r[2][None], (r[0] - m1) / s1, 0) for _, r in live]).astype(np.float32)
+                z2 = np.stack([np.where(r[2][None], (r[1] - m2) / s2, 0) for _, r in live]).astype(np.float32)
+                t1 = torch.from_numpy(z1).to(device)
+                t2 = torch.from_numpy(z2).to(device)
+                with torch.inference_mode(), torch.autocast(device.type, enabled=amp and device.type == "cuda"):
+                    prob = torch.sigmoid(model(t1, t2).logits.float())[:, 0].cpu().numpy()
             for i, (t, r) in enumerate(live):
                 mosaic.add(t, prob[i][None], r[2])
     finally:
@@ -175,10 +186,12 @@ def evaluate_scenes(
     amp: bool = False,
     bins: int = DEFAULT_BINS,
     progress: Callable[[str], None] | None = None,
+    forward: TileForward | None = None,
 ) -> ValidationResult:
     """Predict every labelled scene whole and collect per-scene probability histograms.
 
-    Pixels count where the data are valid on both dates and the label is known.
+    Pixels count where the data are valid on both dates and the label is known; ``forward`` as in
+    :func:`predict_scene`.
     """
     out: dict[str, ProbabilityHistogram] = {}
     for scene in scenes:
@@ -189,7 +202,7 @@ def evaluate_scenes(
             rows = label[row_off : row_off + prob.shape[0]]
             hist.update(np.nan_to_num(prob, nan=0.0), rows == 1, valid & (rows != IGNORE))
 
-        predict_scene(model, scene, normalization, sink, tile, overlap, batch_size, device, amp)
+        predict_scene(model, scene, normalization, sink, tile, overlap, batch_size, device, amp, forward=forward)
         out[scene.name] = hist
         if progress:
             progress(scene.name)
