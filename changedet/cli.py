@@ -19,6 +19,7 @@ def _bands(value: str) -> list[str]:
 
 
 def _add_detect(sub: argparse._SubParsersAction) -> None:
+    from changedet.detect import DetectParams
     from changedet.predictor import DEFAULT_MODEL
 
     p = sub.add_parser("detect", help="detect changes between two dates and write georeferenced maps")
@@ -40,6 +41,8 @@ def _add_detect(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--device", default="cpu", help="cpu or cuda")
     p.add_argument("--runtime", default="torch", choices=["torch", "onnx", "onnx-int8"],
                    help="inference engine: torch, ONNX Runtime float32, or ONNX Runtime with int8 weights (CPU)")
+    p.add_argument("--max-pixels", type=int, default=DetectParams.max_pixels,
+                   help=f"refuse common grids larger than this many pixels (default {DetectParams.max_pixels})")
     p.add_argument("--overwrite", action="store_true", help="replace existing outputs in --out")
     p.add_argument("--quiet", action="store_true", help="no progress bar or summary")
 
@@ -88,6 +91,7 @@ def _run_detect(args: argparse.Namespace) -> int:
         model=args.model, tile=args.tile, overlap=args.overlap, threshold=args.threshold, crs=args.crs,
         resolution=args.resolution, bands=args.bands, nodata=args.nodata, resampling=args.resampling,
         blend=args.blend, batch_size=args.batch_size, device=args.device, runtime=args.runtime,
+        max_pixels=args.max_pixels,
     )
     bar = None
 
@@ -146,8 +150,15 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _os_reason(exc: OSError) -> str:
+    """``<strerror>: <file>`` for system errors such as a full disk or a read-only folder."""
+    reason = exc.strerror or str(exc) or type(exc).__name__
+    return f"{reason}: {exc.filename}" if exc.filename else reason
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point; returns the exit status (2 with ``error: <reason>`` for bad input)."""
+    """Entry point; returns the exit status with one ``error: <reason>`` line on stderr:
+    2 for bad input, 1 for system errors (disk full, permissions), 130 when interrupted."""
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s")
     warnings.formatwarning = lambda msg, cat, *a, **k: f"warning: {msg}\n"
@@ -160,6 +171,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     except RasterioError as exc:
         print(f"error: {str(exc).splitlines()[0]}", file=sys.stderr)
         return 2
+    except OSError as exc:
+        print(f"error: {_os_reason(exc)}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("error: interrupted (run the same command again to resume from the tiles already predicted)", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

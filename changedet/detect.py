@@ -36,6 +36,7 @@ from changedet.align import AlignedPair, PairReader, align_pair
 from changedet.errors import ChangeDetError, InputError, ModelError
 from changedet.io.polygons import polygonize_mask
 from changedet.io.scene import Scene, open_scene
+from changedet.io.styles import write_mask_style, write_probability_style
 from changedet.io.writers import BlockRasterWriter, OutputStaging, write_cog
 from changedet.mosaic import StreamingMosaic
 from changedet.predictor import DEFAULT_MODEL, ModelSpec, SceneFit, TilePredictor, auto_model, resolve_model
@@ -47,7 +48,9 @@ MASK = "change_mask.tif"
 DIFFERENCE = "difference.tif"
 POLYGONS = "changes.gpkg"
 RUN_JSON = "run.json"
-OUTPUT_NAMES = [PROBABILITY, MASK, DIFFERENCE, POLYGONS, RUN_JSON]
+PROBABILITY_STYLE = "change_probability.qml"  # QGIS applies <name>.qml to <name>.tif
+MASK_STYLE = "change_mask.qml"
+OUTPUT_NAMES = [PROBABILITY, MASK, DIFFERENCE, POLYGONS, PROBABILITY_STYLE, MASK_STYLE, RUN_JSON]
 FLOAT_NODATA = -9999.0
 MASK_NODATA = 255
 TILE_STORE_DIR = ".changedet-tiles"
@@ -73,6 +76,7 @@ class DetectParams:
     threads: int | None = None  # torch intra-op threads per worker (None: torch's default)
     sample_tiles: int = 16
     seed: int = 0
+    max_pixels: int = 1 << 32  # refuse larger common grids (a corrupt or absurd declared size)
 
     def validate(self) -> None:
         """Raise :class:`ChangeDetError` with the reason for impossible settings."""
@@ -81,6 +85,8 @@ class DetectParams:
             raise ChangeDetError(f"--threshold must be within [0, 1], got {self.threshold}")
         if self.batch_size < 1:
             raise ChangeDetError(f"--batch-size must be >= 1, got {self.batch_size}")
+        if self.max_pixels < 1:
+            raise ChangeDetError(f"--max-pixels must be >= 1, got {self.max_pixels}")
 
 
 @dataclass
@@ -114,7 +120,7 @@ def content_fingerprint(t1: Scene, t2: Scene, spec: ModelSpec, params: DetectPar
         digest.update(json.dumps([(b.name, b.index) for b in scene.bands]).encode())
     if spec.checkpoint is not None:
         _hash_file(str(spec.checkpoint), digest)
-    settings = {k: v for k, v in asdict(params).items() if k not in ("model", "threshold", "device", "threads")}
+    settings = {k: v for k, v in asdict(params).items() if k not in ("model", "threshold", "device", "threads", "max_pixels")}
     settings["model"] = spec.name
     digest.update(json.dumps(settings, sort_keys=True, default=str).encode())
     return digest.hexdigest()
@@ -177,6 +183,12 @@ def plan_run(t1: str | Path, t2: str | Path, params: DetectParams) -> RunPlan:
     start = time.perf_counter()
     scene1, scene2, spec = open_inputs(t1, t2, params)
     pair = align_pair(scene1, scene2, params.crs, params.resolution, params.resampling, spec.heterogeneous)
+    pixels = pair.grid.height * pair.grid.width
+    if pixels > params.max_pixels:
+        raise InputError(
+            f"common grid of {pair.grid.height} x {pair.grid.width} px ({pixels / 1e9:.1f} Gpx) exceeds the limit of "
+            f"{params.max_pixels} px: check the inputs' declared size, or raise --max-pixels"
+        )
     predictor = TilePredictor(spec, (scene1.count, scene2.count), params.device, params.runtime)
     tiles = plan_tiles(pair.grid.height, pair.grid.width, params.tile, params.overlap)
     batches = [list(range(i, min(i + params.batch_size, len(tiles)))) for i in range(0, len(tiles), params.batch_size)]
@@ -339,6 +351,8 @@ def write_outputs(
         write_cog(scratch[DIFFERENCE], staging.path(DIFFERENCE), "average")
         write_cog(scratch[MASK], staging.path(MASK), "nearest")
         timings["cog_s"] = time.perf_counter() - start
+        write_probability_style(staging.path(PROBABILITY_STYLE), plan.threshold, FLOAT_NODATA)
+        write_mask_style(staging.path(MASK_STYLE), MASK_NODATA)
         changes = _polygons(staging, timings)
         if started is not None:
             timings["total_s"] = time.perf_counter() - started

@@ -103,7 +103,9 @@ class TilePredictor:
         self.spec = spec
         self.device = resolve_device(device)
         config = {**spec.metadata.get("config", {}), "in_channels": in_channels[0] if in_channels[0] == in_channels[1] else in_channels}
-        self.model: ChangeModel = create_model(spec.name, **config)
+        with torch.random.fork_rng(devices=[]):  # untrained registry models: the same weights in every process
+            torch.manual_seed(0)
+            self.model: ChangeModel = create_model(spec.name, **config)
         if spec.checkpoint is not None:
             state = load_state_dict(spec.checkpoint)
             try:

@@ -14,7 +14,9 @@ import argparse
 import hashlib
 import logging
 import os
+import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal
 
@@ -25,6 +27,7 @@ from prefect_dask import DaskTaskRunner
 from pydantic import BaseModel, Field
 
 from changedet.detect import (
+    OUTPUT_NAMES,
     TILE_STORE_DIR,
     DetectParams,
     RunPlan,
@@ -38,6 +41,7 @@ from changedet.detect import (
 from changedet.errors import ChangeDetError
 from changedet.inbox import PairJob, discover_pairs, outputs_current
 from changedet.io.quicklook import write_quicklook
+from changedet.io.writers import OutputStaging
 from changedet.predictor import DEFAULT_MODEL
 
 
@@ -156,6 +160,7 @@ def detect_pair(params: DetectFlowParams) -> dict[str, Any]:
     if outputs_current(params.out, key):
         print(f"{params.out} is up to date for fingerprint {key}: nothing to do")
         return {"fingerprint": key, "skipped": True}
+    OutputStaging.check(params.out, OUTPUT_NAMES, params.overwrite)  # refuse before predicting anything
     run_plan = plan(params, key)
     store_root = str(Path(params.out) / TILE_STORE_DIR)
     todo = missing_batches(run_plan, store_root)
@@ -193,7 +198,8 @@ def process_inbox(inbox: str, out_root: str, model: str = DEFAULT_MODEL, dask_ad
     return processed
 
 
-def main() -> None:
+def main(argv: Sequence[str] | None = None) -> int:
+    """Command line; returns the exit status (2 with one ``error: <reason>`` line for bad input)."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="run the detect flow once")
@@ -212,20 +218,25 @@ def main() -> None:
     serve.add_argument("--out-root", default="outputs/inbox")
     serve.add_argument("--cron", default="*/15 * * * *")
     serve.add_argument("--model", default=DEFAULT_MODEL)
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     logging.getLogger("distributed").setLevel(logging.WARNING)
     if args.command == "run":
         threads = None if args.dask_address else max(1, (os.cpu_count() or 1) // args.workers)
         params = DetectFlowParams(t1=args.t1, t2=args.t2, out=args.out, model=args.model, tile=args.tile,
                                   overlap=args.overlap, batch_size=args.batch_size, overwrite=args.overwrite, threads=threads)
-        detect_pair.with_options(task_runner=task_runner(args.dask_address, args.workers))(params)
+        try:
+            detect_pair.with_options(task_runner=task_runner(args.dask_address, args.workers))(params)
+        except ChangeDetError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
     else:
         process_inbox.serve(
             name="changedet-inbox",
             cron=args.cron,
             parameters={"inbox": args.inbox, "out_root": args.out_root, "model": args.model},
         )
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())
