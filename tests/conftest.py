@@ -22,6 +22,16 @@ def sample_city() -> Path:
 
 
 @pytest.fixture(scope="session")
+def prefect_api():
+    """One ephemeral Prefect server for the whole session (the official test harness); yields its API URL."""
+    from prefect.settings import PREFECT_API_URL
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=120):
+        yield PREFECT_API_URL.value()
+
+
+@pytest.fixture(scope="session")
 def shared_data() -> Path:
     """../shared/data, or skip with the reason (a fresh clone does not have it)."""
     if not (SHARED / "oscd").is_dir():

@@ -21,16 +21,6 @@ REPO = Path(__file__).resolve().parents[1]
 RASTERS = (PROBABILITY, MASK, DIFFERENCE)
 
 
-@pytest.fixture(scope="session")
-def prefect_api():
-    """One ephemeral Prefect server for the whole session (the official test harness)."""
-    from prefect.settings import PREFECT_API_URL
-    from prefect.testing.utilities import prefect_test_harness
-
-    with prefect_test_harness(server_startup_timeout=120):
-        yield PREFECT_API_URL.value()
-
-
 @pytest.fixture(scope="module")
 def pair(tmp_path_factory):
     return write_synthetic_pair(tmp_path_factory.mktemp("pair"), 300, 280, bands=3, n_changes=6)
