@@ -17,6 +17,7 @@ step by step:
 from __future__ import annotations
 
 import hashlib
+from importlib import metadata
 import shutil
 import threading
 import json
@@ -302,15 +303,12 @@ def _polygons(staging: OutputStaging, timings: dict[str, float]) -> dict[str, An
 
 
 def _versions() -> dict[str, str]:
-    import segmentation_models_pytorch
-    import timm
-
     return {
         "changedet": changedet.__version__,
         "python": platform.python_version(),
         "torch": torch.__version__,
-        "timm": timm.__version__,
-        "segmentation_models_pytorch": segmentation_models_pytorch.__version__,
+        "timm": metadata.version("timm"),
+        "segmentation_models_pytorch": metadata.version("segmentation-models-pytorch"),
         "rasterio": rasterio.__version__,
         "gdal": rasterio.__gdal_version__,
         "numpy": np.__version__,

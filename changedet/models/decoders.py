@@ -11,8 +11,6 @@ from typing import Literal, Sequence, get_args
 
 import torch
 import torch.nn.functional as F
-from segmentation_models_pytorch.decoders.fpn.decoder import FPNDecoder as SmpFPNDecoder
-from segmentation_models_pytorch.decoders.unet.decoder import UnetDecoder as SmpUnetDecoder
 from torch import nn
 
 from changedet.errors import ModelError
@@ -34,6 +32,8 @@ class UNetDecoder(nn.Module):
         widths = tuple(decoder_channels or (max(16, min(128, 8 * s)) for s in strides))
         if len(widths) != len(channels):
             raise ModelError(f"unet decoder_channels needs {len(channels)} widths (one per block), got {len(widths)}")
+        from segmentation_models_pytorch.decoders.unet.decoder import UnetDecoder as SmpUnetDecoder  # lazy: ~300 MB
+
         # smp expects a stride-1 entry first; its channels are never used (the input is no skip).
         self.decoder = SmpUnetDecoder(encoder_channels=[0, *channels], decoder_channels=widths, n_blocks=len(widths))
         self.out_channels = widths[-1]
@@ -61,6 +61,8 @@ class FPNDecoder(nn.Module):
             raise ModelError(f"fpn decoder needs four non-empty coarsest levels, got channels {tuple(channels)}")
         if segmentation % 32 or segmentation < 64:
             raise ModelError(f"fpn segmentation channels must be a multiple of 32 and at least 64, got {segmentation}")
+        from segmentation_models_pytorch.decoders.fpn.decoder import FPNDecoder as SmpFPNDecoder  # lazy: ~300 MB
+
         self.decoder = SmpFPNDecoder(
             encoder_channels=list(channels[-4:]),
             encoder_depth=3,

@@ -9,7 +9,6 @@ or any timm model with ``features_only`` support as ``"tu-<timm name>"``.
 from __future__ import annotations
 
 import torch
-from segmentation_models_pytorch.encoders import get_encoder
 from torch import nn
 
 from changedet.errors import ModelError
@@ -42,6 +41,8 @@ class FeatureEncoder(nn.Module):
 
     def __init__(self, name: str, in_channels: int, depth: int = 5) -> None:
         super().__init__()
+        from segmentation_models_pytorch.encoders import get_encoder  # lazy: smp + timm cost ~300 MB and 4 s to import
+
         try:
             self.backbone = get_encoder(
                 ENCODER_ALIASES.get(name, name), in_channels=in_channels, depth=depth, weights=None
