@@ -15,23 +15,26 @@ the tile store, the COG conversion and the GeoPackage write), because mounting a
 from __future__ import annotations
 
 import errno
+import json
 import os
 import pickle
 import shutil
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import pytest
 from affine import Affine
 
-import changedet.detect as detect
+from changedet import detect
 from changedet.cli import main
 from changedet.weights import bundled_checkpoint
-from flows.detect import main as flow_main  # imported at collection: Prefect's log handlers bind to pytest's stream, not capsys's
+from flows.detect import main as flow_main
 from tests.conftest import write_raster
 
+# flows.detect is imported at collection on purpose: Prefect's log handlers then bind to pytest's
+# stream, not to a capsys stream that closes after the first flow test.
 OUTPUT_SUFFIXES = (".tif", ".tiff", ".gpkg", ".qml")
 
 
@@ -433,7 +436,7 @@ def test_rerun_after_a_fault_resumes_and_succeeds(ctx, monkeypatch):
     assert main(args) == 2
     monkeypatch.setattr(gpd.GeoDataFrame, "to_file", real)
     assert main(args) == 0
-    summary = __import__("json").loads((ctx.out / detect.RUN_JSON).read_text())
+    summary = json.loads((ctx.out / detect.RUN_JSON).read_text())
     assert summary["timings"]["model_s"] == 0.0 and summary["counts"]["resumed_tiles"] == summary["counts"]["tiles"]
     assert sorted(p.name for p in ctx.out.iterdir()) == sorted(detect.OUTPUT_NAMES)
 
