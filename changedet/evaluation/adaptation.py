@@ -1,0 +1,114 @@
+"""Test-time adaptation to a target scene: AdaBN and per-band histogram matching.
+
+* :func:`adabn` (Li et al., "Revisiting batch normalization for practical domain adaptation",
+  2016): re-estimate every BatchNorm layer's running mean/variance on the target scene's tiles
+  (tiled and normalised exactly as evaluation does); no other weight changes, no labels.
+* :func:`match_histograms`: monotone per-band mapping of one date's values onto a reference
+  distribution (quantiles), e.g. t2 onto t1 of the same scene (relative radiometric normalisation),
+  or both dates onto the training data (:func:`reference_quantiles`) across sensors.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from changedet.data.scenes import ChangeScene
+from changedet.evaluation.adversarial import normalization_tensors, normalize
+from changedet.models import ChangeModel
+from changedet.train.evaluation import predict_scene
+
+QUANTILES = 1024
+
+
+def batchnorm_layers(model: nn.Module) -> list[nn.modules.batchnorm._BatchNorm]:
+    """Every BatchNorm layer of ``model``."""
+    return [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+
+
+def adabn(
+    model: ChangeModel,
+    scenes: Sequence[ChangeScene],
+    normalization: dict[str, Any],
+    tile: int = 256,
+    overlap: int = 32,
+    batch_size: int = 8,
+    device: torch.device | str = "cpu",
+    seed: int = 0,
+) -> ChangeModel:
+    """A copy of ``model`` whose BatchNorm statistics are the cumulative averages over the tiles of
+    ``scenes`` (labels unused); ``model`` itself is not modified.
+
+    Statistics are gathered in training mode (dropout active, seeded), the regime in which the
+    original running statistics were accumulated: with dropout off, the activations that follow a
+    dropout layer have a smaller variance than the network was trained to expect.
+    """
+    adapted = copy.deepcopy(model)
+    layers = batchnorm_layers(adapted)
+    momenta = [bn.momentum for bn in layers]
+    for bn in layers:
+        bn.reset_running_stats()
+        bn.momentum = None  # cumulative moving average over all target batches
+    stats = normalization_tensors(normalization, device)
+
+    def collect(x1: np.ndarray, x2: np.ndarray, valid: np.ndarray, label: np.ndarray) -> np.ndarray:
+        v = torch.from_numpy(valid).to(device)
+        z1, z2 = (normalize(torch.from_numpy(x).to(device), v, s) for x, s in zip((x1, x2), stats))
+        adapted.train()
+        try:
+            with torch.no_grad():
+                adapted(z1, z2)
+        finally:
+            adapted.eval()
+        return np.zeros(valid.shape, np.float32)
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        for scene in scenes:
+            predict_scene(adapted, scene, normalization, lambda *_: None, tile, overlap, batch_size, device, forward=collect)
+    for bn, momentum in zip(layers, momenta):
+        bn.momentum = momentum
+    return adapted.eval()
+
+
+def band_quantiles(x: np.ndarray, valid: np.ndarray, n: int = QUANTILES) -> np.ndarray:
+    """``(C, n)`` quantiles (levels ``linspace(0, 1, n)``) of each band of ``x (C, H, W)`` over valid pixels."""
+    return np.quantile(x[:, valid].astype(np.float64), np.linspace(0.0, 1.0, n), axis=1).T
+
+
+def reference_quantiles(scenes: Sequence[ChangeScene], n: int = QUANTILES) -> np.ndarray:
+    """Quantiles of both dates of ``scenes`` pooled (a source domain's per-band distribution)."""
+    pixels = []
+    for scene in scenes:
+        x1, x2, valid = scene.pixels()
+        pixels += [x1[:, valid], x2[:, valid]]
+    data = np.concatenate(pixels, axis=1)
+    return np.quantile(data.astype(np.float64), np.linspace(0.0, 1.0, n), axis=1).T
+
+
+def match_histograms(x: np.ndarray, valid: np.ndarray, reference: np.ndarray) -> np.ndarray:
+    """Map each band of ``x (C, H, W)`` onto the ``reference (C, n)`` quantiles; invalid pixels untouched."""
+    if reference.shape[0] != x.shape[0]:
+        raise ValueError(f"reference has {reference.shape[0]} bands, the image {x.shape[0]}")
+    own = band_quantiles(x, valid, reference.shape[1])
+    levels = np.linspace(0.0, 1.0, reference.shape[1])
+    out = x.astype(np.float32, copy=True)
+    for b in range(x.shape[0]):
+        # ties in the source quantiles (flat histograms, 8-bit data) share the mid rank
+        rank = (np.interp(x[b][valid], own[b], levels) + np.interp(-x[b][valid], -own[b][::-1], levels[::-1])) / 2
+        out[b][valid] = np.interp(rank, levels, reference[b])
+    return out
+
+
+def match_scene(scene: ChangeScene, reference: np.ndarray | None = None) -> ChangeScene:
+    """Histogram-matching baseline: ``reference=None`` maps t2 onto t1 of the same scene; otherwise
+    both dates are mapped onto ``reference`` quantiles (:func:`reference_quantiles`)."""
+    x1, x2, valid = scene.pixels()
+    if reference is None:
+        return scene.with_pixels(x1, match_histograms(x2, valid, band_quantiles(x1, valid)))
+    return scene.with_pixels(match_histograms(x1, valid, reference), match_histograms(x2, valid, reference))
