@@ -1,4 +1,4 @@
-"""Command line: ``changedet detect``, ``evaluate``, ``train``, ``models``."""
+"""Command line: ``changedet detect``, ``evaluate``, ``train``, ``robustness``, ``domain-shift``, ``models``."""
 
 from __future__ import annotations
 
@@ -7,11 +7,14 @@ import json
 import logging
 import sys
 import warnings
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 from rasterio.errors import RasterioError
 
 from changedet.errors import ChangeDetError
+
+if TYPE_CHECKING:
+    from changedet.evaluation.runs import EvaluationConfig
 
 
 def _bands(value: str) -> list[str]:
@@ -139,6 +142,82 @@ def _run_models(args: argparse.Namespace) -> int:
     return 0
 
 
+def _floats(value: str) -> list[float]:
+    return [float(v) for v in _bands(value)]
+
+
+def _add_evaluation_common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--data", required=True, help="dataset root (OSCD, LEVIR-CD or pair folders), e.g. ../shared/data/oscd")
+    p.add_argument("--out", required=True, help="report folder (report.json, report.md, plot)")
+    p.add_argument("--model", action="append", default=None, help="trained checkpoint or bundled name (repeatable; default oscd-s2)")
+    p.add_argument("--scenes", type=_bands, default=None, help="comma-separated labelled scenes (default: the model's validation scenes)")
+    p.add_argument("--tile", type=int, default=256, help="tile size in pixels (default 256)")
+    p.add_argument("--overlap", type=int, default=32, help="tile overlap in pixels (default 32)")
+    p.add_argument("--batch-size", type=int, default=8, help="tiles per model call (default 8)")
+    p.add_argument("--device", default="cpu", help="cpu or cuda")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing report in --out")
+    p.add_argument("--quiet", action="store_true", help="no per-job progress lines")
+
+
+def _add_robustness(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("robustness", help="F1 under FGSM/PGD attacks per budget and mode (optionally after PGD fine-tuning)")
+    _add_evaluation_common(p)
+    p.add_argument("--eps", type=_floats, default=[0, 1, 2, 4, 8], help="L-inf budgets in 1/255 reflectance (default 0,1,2,4,8)")
+    p.add_argument("--modes", type=_bands, default=None, help="t1,t2,both (untargeted), hide, fake (default: all)")
+    p.add_argument("--methods", type=_bands, default=None, help="fgsm,pgd (default: both)")
+    p.add_argument("--steps", type=int, default=10, help="PGD steps (default 10)")
+    p.add_argument("--step-size", type=float, default=None, help="PGD step in 1/255 units (default 2.5 eps / steps)")
+    p.add_argument("--random-start", action="store_true", help="PGD from a random point of the eps-ball")
+    p.add_argument("--adv-finetune", default=None, metavar="OUT.safetensors",
+                   help="first PGD-fine-tune the (first) model on its training scenes into this file, then evaluate both")
+    p.add_argument("--finetune-steps", type=int, default=200, help="optimiser steps of --adv-finetune (default 200)")
+
+
+def _add_domain_shift(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("domain-shift", help="F1 and calibration under radiometric/geometric shifts, with AdaBN / histogram matching")
+    _add_evaluation_common(p)
+    p.add_argument("--shifts", type=_bands, default=None, help="comma-separated shifts (default: all registered)")
+    p.add_argument("--severities", type=_floats, default=[1, 2, 3, 4, 5], help="severities (default 1,2,3,4,5)")
+    p.add_argument("--adaptations", type=_bands, default=None, help="none,adabn,histmatch (default: all)")
+    p.add_argument("--dates", default="t2", choices=["t2", "both"], help="dates the shift applies to (default t2)")
+
+
+def _run_stage(config: EvaluationConfig, args: argparse.Namespace) -> int:
+    from changedet.evaluation.report import markdown, write_report
+    from changedet.evaluation.runs import run_evaluation
+
+    report = run_evaluation(config, None if args.quiet else lambda job: print(f"{job.checkpoint} {job.scene} {job.setting}", file=sys.stderr))
+    paths = write_report(report, args.out, args.overwrite)
+    print(markdown(report))
+    print(f"report in {', '.join(str(p) for p in paths.values())}")
+    return 0
+
+
+def _common_config(args: argparse.Namespace) -> dict:
+    return {"checkpoints": args.model or ["oscd-s2"], "data": args.data, "scenes": args.scenes, "tile": args.tile,
+            "overlap": args.overlap, "batch_size": args.batch_size, "device": args.device}
+
+
+def _run_robustness(args: argparse.Namespace) -> int:
+    from changedet.evaluation.runs import RobustnessConfig
+
+    common = _common_config(args)
+    if args.adv_finetune:
+        from changedet.evaluation.defence import finetune_checkpoint
+
+        finetune_checkpoint(common["checkpoints"][0], args.adv_finetune, args.data, steps=args.finetune_steps, device=args.device)
+        common["checkpoints"] = [*common["checkpoints"], args.adv_finetune]
+    options = {k: getattr(args, k) for k in ("eps", "modes", "methods", "steps", "step_size", "random_start") if getattr(args, k) is not None}
+    return _run_stage(RobustnessConfig(**common, **options), args)
+
+
+def _run_domain_shift(args: argparse.Namespace) -> int:
+    from changedet.evaluation.runs import DomainShiftConfig
+
+    options = {k: getattr(args, k) for k in ("shifts", "severities", "adaptations", "dates") if getattr(args, k) is not None}
+    return _run_stage(DomainShiftConfig(**_common_config(args), **options), args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The ``changedet`` argument parser."""
     parser = argparse.ArgumentParser(prog="changedet", description="Change detection for two co-located rasters.")
@@ -146,6 +225,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_detect(sub)
     _add_evaluate(sub)
     _add_train(sub)
+    _add_robustness(sub)
+    _add_domain_shift(sub)
     sub.add_parser("models", help="list registered models")
     return parser
 
@@ -162,7 +243,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s")
     warnings.formatwarning = lambda msg, cat, *a, **k: f"warning: {msg}\n"
-    runners = {"detect": _run_detect, "evaluate": _run_evaluate, "train": _run_train, "models": _run_models}
+    runners = {"detect": _run_detect, "evaluate": _run_evaluate, "train": _run_train, "models": _run_models,
+               "robustness": _run_robustness, "domain-shift": _run_domain_shift}
     try:
         return runners[args.command](args)
     except ChangeDetError as exc:
