@@ -52,13 +52,19 @@ class AlignedPair:
         }
 
 
+def _band_list(scene: Scene, most: int = 8) -> str:
+    names = scene.band_names
+    return ", ".join(names) if len(names) <= most else f"{', '.join(names[: most - 2])}, ..., {names[-1]}"
+
+
 def _check_bands(t1: Scene, t2: Scene, allow_different_bands: bool) -> None:
     if allow_different_bands:
         return
     if t1.count != t2.count:
         raise InputError(
-            f"band count differs between dates: t1 has {t1.count} ({', '.join(t1.band_names)}), "
-            f"t2 has {t2.count} ({', '.join(t2.band_names)}); select common bands with --bands"
+            f"band count differs between dates: t1 has {t1.count} ({_band_list(t1)}), t2 has {t2.count} "
+            f"({_band_list(t2)}); select common bands with --bands, or use a pseudo-Siamese model for "
+            "heterogeneous pairs (e.g. --model pseudo-siamese-fc)"
         )
     if t1.band_names != t2.band_names:
         diff = [f"{a}!={b}" for a, b in zip(t1.band_names, t2.band_names) if a != b]
