@@ -186,7 +186,7 @@ def perturb(
             deltas.append(torch.zeros_like(x))
 
     def inputs(ds: Sequence[torch.Tensor | None]) -> list[torch.Tensor]:
-        return [x if d is None else x + sensor.scale * d for x, d in zip(raws, ds)]
+        return [x if d is None else sensor.clip_tensor(x + sensor.scale * d, x) for x, d in zip(raws, ds)]
 
     for _ in range(attack.iterations):
         live = [d.requires_grad_(True) if d is not None else None for d in deltas]

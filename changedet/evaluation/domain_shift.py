@@ -13,7 +13,7 @@ Random parameters (which band, which direction, noise) come from ``seed``.
 ``gaussian_noise`` additive noise, σ = ``0.004 s`` reflectance
 ``speckle``        multiplicative noise ``r (1 + 0.04 s n)``
 ``blur``           Gaussian blur, σ = ``0.4 s`` px (coarser resolution)
-``band_dropout``   ``round(s C / 10)`` random bands read 0 (failed detector)
+``band_dropout``   ``ceil(s C / 10)`` random bands read 0 (failed detector)
 ``misregistration`` the image moved by ``s`` px in a random direction (co-registration error)
 ``seasonal``       brightness ``1 - 0.02 s`` and a red-edge gain ``± 0.05 s`` (phenology)
 ``jpeg``           8×8 block DCT with quantisation step ``0.002 s (1 + i + j)`` (lossy compression)
@@ -22,6 +22,7 @@ Random parameters (which band, which direction, noise) come from ``seed``.
 
 from __future__ import annotations
 
+import math
 import zlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -126,7 +127,7 @@ def _blur(r: np.ndarray, valid: np.ndarray, s: float, rng: np.random.Generator, 
 @register_shift("band_dropout", "random bands read 0 (failed detector)")
 def _band_dropout(r: np.ndarray, valid: np.ndarray, s: float, rng: np.random.Generator, bands: Sequence[str]) -> np.ndarray:
     c = r.shape[0]
-    dropped = rng.permutation(c)[: min(c - 1, round(s * c / 10))]
+    dropped = rng.permutation(c)[: min(c - 1, math.ceil(s * c / 10))]
     out = r.copy()
     out[dropped] = 0.0
     return out

@@ -38,6 +38,10 @@ class Sensor:
         """``new`` clipped to ``[min(orig, 0), max(orig, high)]`` (raw units, numpy)."""
         return np.clip(new, np.minimum(orig, 0.0), np.maximum(orig, self.high)).astype(np.float32)
 
+    def clip_tensor(self, new: torch.Tensor, orig: torch.Tensor) -> torch.Tensor:
+        """:meth:`clip` for tensors (differentiable inside the range)."""
+        return torch.minimum(torch.maximum(new, orig.clamp(max=0.0)), orig.clamp(min=self.high))
+
     def delta_bounds(self, orig: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
         """Lowest and highest perturbation of ``orig`` (raw tensor) in reflectance units: within
         ``±eps`` and keeping ``orig + scale * delta`` in the range of :meth:`clip`."""

@@ -1,0 +1,117 @@
+"""Benchmark: adversarial robustness and domain shift of the bundled OSCD model on its validation cities.
+
+    python benchmarks/robustness.py [--steps 5] [--finetune-steps 60] [--refit]
+
+1. FGSM/PGD per ε (0, 1, 2, 4, 8 /255 reflectance) and mode (t1/t2/both untargeted, hide, fake) on the
+   bundled model and on a PGD-AT fine-tune of it (trained on the model's 7 training cities, threshold
+   tuned on those; saved to benchmarks/_work/, reused unless --refit);
+2. every domain shift at the top severity (5) on t2, without adaptation, with AdaBN and with histogram
+   matching (t2 onto t1), F1 and ECE;
+3. cross-domain: a 6-band model (B02 B03 B04 B08 B11 B12) trained briefly on the same 7 OSCD cities,
+   tested on its OSCD validation cities and on Landsat-7 Taizhou (sparse labels; ETM+ 1 2 3 4 5 7),
+   without adaptation, with histogram matching onto the OSCD training distribution, with AdaBN, and both.
+
+Metrics are pooled over the validation cities (never training cities) at each checkpoint's threshold.
+Reports (report.json, report.md, PNG) go to benchmarks/_work/{robustness,domain_shift}/.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+from changedet.checkpoint import read_metadata
+from changedet.evaluation.adaptation import adabn, match_scene, reference_quantiles
+from changedet.evaluation.adversarial import Attack
+from changedet.evaluation.calibration import histogram_ece
+from changedet.evaluation.cross_domain import ETM_TO_S2, taizhou_scene
+from changedet.evaluation.defence import finetune_checkpoint
+from changedet.evaluation.loading import load_model, open_labelled_scenes
+from changedet.evaluation.report import markdown, write_report
+from changedet.evaluation.runs import (
+    DomainShiftConfig,
+    RobustnessConfig,
+    run_evaluation,
+)
+from changedet.train import load_train_config, train_from_config
+from changedet.train.evaluation import evaluate_scenes
+from changedet.weights import bundled_checkpoint
+
+ROOT = Path(__file__).resolve().parents[1]
+OSCD = ROOT.parent / "shared" / "data" / "oscd"
+TAIZHOU = ROOT.parent / "shared" / "data" / "landsat" / "taizhou"
+WORK = ROOT / "benchmarks" / "_work"
+
+
+def adversarial(steps: int, finetune_steps: int, refit: bool) -> None:
+    at = WORK / "oscd-s2-pgd-at.safetensors"
+    if refit or not at.is_file():
+        start = time.perf_counter()
+        attack = Attack("pgd", 4 / 255, "both", steps=2, random_start=True)
+        block = finetune_checkpoint("oscd-s2", at, OSCD, attack=attack, steps=finetune_steps, patch_size=64)
+        print(f"PGD-AT fine-tune: {block['steps']} steps on {', '.join(block['train_scenes'])}, "
+              f"threshold {read_metadata(at)['threshold']:.3f} (tuned on training cities), {time.perf_counter() - start:.0f} s")  # fmt: skip
+    cfg = RobustnessConfig(checkpoints=["oscd-s2", str(at)], data=str(OSCD), steps=steps)
+    report = run_evaluation(cfg)
+    write_report(report, WORK / "robustness", overwrite=True)
+    print(markdown(report))
+
+
+def domain_shift() -> None:
+    cfg = DomainShiftConfig(data=str(OSCD), severities=[5])
+    report = run_evaluation(cfg)
+    write_report(report, WORK / "domain_shift", overwrite=True)
+    print(markdown(report))
+
+
+def cross_domain(refit: bool) -> None:
+    out = WORK / "cross_domain_s2_6band"
+    overrides = {
+        "data": {"root": str(OSCD), "bands": list(ETM_TO_S2), "patch_size": 64, "samples_per_epoch": 384},
+        "model": {"config": {"base_channels": 8, "dropout": 0.2}},
+        "epochs": 3, "output_dir": str(out), "progress": False, "resume": not refit,
+    }  # fmt: skip
+    if refit or not (out / "best.safetensors").is_file():
+        train_from_config(load_train_config(ROOT / "configs" / "train" / "oscd_bundled.yaml", overrides=overrides))
+    loaded = load_model(str(out / "best.safetensors"))
+    split = loaded.spec.metadata["split"]
+    train = open_labelled_scenes(OSCD, split["train"], loaded.bands)
+    val = open_labelled_scenes(OSCD, split["val"], loaded.bands)
+    target = taizhou_scene(TAIZHOU, WORK)
+    matched = match_scene(target, reference_quantiles(train))
+    rows = [("OSCD val (source)", loaded.model, val)]
+    rows += [("Taizhou, none", loaded.model, [target]), ("Taizhou, histmatch→OSCD", loaded.model, [matched])]
+    rows += [("Taizhou, AdaBN", adabn(loaded.model, [target], loaded.normalization), [target])]
+    rows += [("Taizhou, histmatch+AdaBN", adabn(loaded.model, [matched], loaded.normalization), [matched])]
+    print(f"## cross-domain: 6-band FC-Siam-diff (OSCD {', '.join(split['train'])}) -> Landsat-7 Taizhou "
+          f"(threshold {loaded.threshold:.3f} tuned on OSCD {', '.join(split['val'])})\n")  # fmt: skip
+    print("| test set | F1 | IoU | precision | recall | ECE |\n|---|---|---|---|---|---|")
+    for name, model, scenes in rows:
+        result = evaluate_scenes(model, scenes, loaded.normalization)
+        m = result.metrics(loaded.threshold)["pooled"]
+        cells = [f"{m[k]:.4f}" if m[k] is not None else "–" for k in ("f1", "iou", "precision", "recall")]
+        print(f"| {name} | {' | '.join(cells)} | {histogram_ece(result.pooled):.4f} |")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--steps", type=int, default=5, help="PGD steps of the evaluation attacks")
+    parser.add_argument("--finetune-steps", type=int, default=60, help="PGD-AT optimiser steps")
+    parser.add_argument("--refit", action="store_true", help="fine-tune / train again even if the files exist")
+    args = parser.parse_args()
+    WORK.mkdir(parents=True, exist_ok=True)
+    meta = read_metadata(bundled_checkpoint("oscd-s2"))
+    print(f"bundled model {meta['model']}; validation cities {', '.join(meta['split']['val'])}; "
+          f"threshold {meta['threshold']:.3f}\n")  # fmt: skip
+    start = time.perf_counter()
+    for name, stage in (("adversarial", lambda: adversarial(args.steps, args.finetune_steps, args.refit)),
+                        ("domain shift", domain_shift), ("cross-domain", lambda: cross_domain(args.refit))):  # fmt: skip
+        t = time.perf_counter()
+        stage()
+        print(f"[{name}: {time.perf_counter() - t:.0f} s]\n")
+    print(f"total {time.perf_counter() - start:.0f} s")
+
+
+if __name__ == "__main__":
+    main()
