@@ -252,6 +252,12 @@ def predict_batch(plan: RunPlan, batch: int, store_root: str | Path) -> dict[str
     return {"read_s": read_s, "model_s": predictor.model_seconds - model_before, "tiles": len(tiles)}
 
 
+def predict_batches(plan: RunPlan, batches: Sequence[int], store_root: str | Path) -> dict[str, float]:
+    """:func:`predict_batch` over several batches (one scheduler task); returns summed read/model seconds."""
+    stats = [predict_batch(plan, b, store_root) for b in batches]
+    return {k: sum(s[k] for s in stats) for k in ("read_s", "model_s", "tiles")}
+
+
 def missing_batches(plan: RunPlan, store_root: str | Path) -> list[int]:
     """Batches with at least one tile not yet in the store."""
     done = open_tile_store(plan, store_root).done()

@@ -34,7 +34,7 @@ from changedet.detect import (
     input_fingerprint,
     missing_batches,
     plan_run,
-    predict_batch,
+    predict_batches,
     remove_tile_store,
     write_outputs,
 )
@@ -60,6 +60,7 @@ class DetectFlowParams(BaseModel):
     resolution: float | None = Field(None, gt=0)
     bands: list[str] | None = None
     batch_size: int = Field(8, ge=1)
+    batches_per_task: int = Field(4, ge=1, description="tile batches per Prefect task (fewer tasks, less scheduling overhead)")
     device: str = "cpu"
     runtime: Literal["torch", "onnx", "onnx-int8"] = "torch"
     threads: int | None = Field(None, ge=1, description="torch threads per Dask worker (Dask sets 1 by default)")
@@ -115,9 +116,9 @@ def plan(params: DetectFlowParams, content_key: str) -> RunPlan:
 
 
 @task(retries=2, retry_delay_seconds=2, retry_condition_fn=_only_io_errors)
-def predict(run_plan: RunPlan, batch: int, store_root: str) -> dict[str, float]:
-    """Predict one tile batch into the tile store."""
-    return predict_batch(run_plan, batch, store_root)
+def predict(run_plan: RunPlan, batches: list[int], store_root: str) -> dict[str, float]:
+    """Predict a group of tile batches into the tile store (each batch is stored as soon as it is done)."""
+    return predict_batches(run_plan, batches, store_root)
 
 
 @task(retries=2, retry_delay_seconds=2, retry_condition_fn=_only_io_errors)
@@ -165,7 +166,8 @@ def detect_pair(params: DetectFlowParams) -> dict[str, Any]:
     store_root = str(Path(params.out) / TILE_STORE_DIR)
     todo = missing_batches(run_plan, store_root)
     print(f"{len(run_plan.tiles)} tiles in {len(run_plan.batches)} batches, {len(todo)} batches to predict")
-    stats = [f.result() for f in predict.map(unmapped(run_plan), todo, unmapped(store_root))]
+    groups = [todo[i : i + params.batches_per_task] for i in range(0, len(todo), params.batches_per_task)]
+    stats = [f.result() for f in predict.map(unmapped(run_plan), groups, unmapped(store_root))]
     timings = {
         "read_s": sum(s["read_s"] for s in stats),
         "model_s": sum(s["model_s"] for s in stats),
