@@ -24,7 +24,7 @@ from changedet.errors import OutputError
 from changedet.grid import Grid
 from changedet.io.scene import open_raster
 
-STRIP = 1024
+STRIP_PIXELS = 1 << 22  # pixels per strip: memory stays flat whatever the scene width
 
 
 class _UnionFind:
@@ -81,15 +81,16 @@ def polygonize_mask(
         prob_sum: list[float] = [0.0]
         pieces: dict[int, list] = {}
         previous_last_row: np.ndarray | None = None
-        for row0 in range(0, grid.height, STRIP):
-            n = min(STRIP, grid.height - row0)
+        strip = max(1, STRIP_PIXELS // grid.width)
+        for row0 in range(0, grid.height, strip):
+            n = min(strip, grid.height - row0)
             window = Window(0, row0, grid.width, n)
             changed = mask_ds.read(1, window=window) == 1
-            prob = prob_ds.read(1, window=window).astype(np.float64)
+            prob = prob_ds.read(1, window=window)
             local, count = ndimage.label(changed)
             offset = len(uf.parent) - 1
             uf.add(count)
-            labels = np.where(local > 0, local + offset, 0).astype(np.int32)
+            labels = np.where(local > 0, local + np.int32(offset), np.int32(0))
             pixels.extend(np.bincount(local.ravel(), minlength=count + 1)[1:].astype(float))
             prob_sum.extend(np.bincount(local.ravel(), weights=prob.ravel(), minlength=count + 1)[1:])
             if previous_last_row is not None:
