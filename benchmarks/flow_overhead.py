@@ -5,19 +5,28 @@
 On one synthetic 4-band scene with a (randomly initialised, saved) FC-Siam-diff checkpoint:
   raw      model.predict over every planned tile batch, inputs pre-loaded in memory (no I/O)
   cli      `changedet detect` in-process (reads, tile store, mosaic, COGs, polygons)
-  flow xN  the Prefect flow on an embedded Dask LocalCluster with N worker processes
-           (includes the ephemeral Prefect server and cluster start-up)
-Ratios are to `raw`, all measured in this one run.
+  flow xN  cold: `python flows/detect.py run --workers N`, a fresh process that starts an ephemeral
+           Prefect server and an embedded Dask LocalCluster of N worker processes
+  warm xN  the same flow against an already running Prefect server and Dask cluster (scheduler +
+           N worker processes), as a scheduled deployment runs; second run on that cluster (the
+           first warms the workers' imports), new output folder so every tile is predicted again
+Ratios are to `raw`, all measured in this one run. Torch threads: cores / workers everywhere.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import os
+import socket
+import tempfile
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
+import httpx
 import numpy as np
 import torch
 
@@ -48,12 +57,67 @@ def raw_forward_seconds(t1: Path, t2: Path, params: DetectParams) -> float:
     return time.perf_counter() - start
 
 
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _wait(check, what: str, timeout: float = 120.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with contextlib.suppress(Exception):
+            if check():
+                return
+        time.sleep(0.5)
+    raise RuntimeError(f"{what} did not start within {timeout:.0f} s")
+
+
+@contextlib.contextmanager
+def running_services(workers: int) -> Iterator[tuple[dict[str, str], str]]:
+    """A Prefect server and a Dask scheduler with ``workers`` worker processes on loopback."""
+    from distributed import Client
+
+    bin_dir = Path(sys.executable).parent
+    home = tempfile.mkdtemp(prefix="changedet-bench-prefect-")
+    api = f"http://127.0.0.1:{_free_port()}/api"
+    env = {**os.environ, "PREFECT_HOME": home, "PREFECT_API_URL": api, "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
+    port = _free_port()
+    quiet = {"stdout": subprocess.DEVNULL, "stderr": subprocess.DEVNULL, "env": env, "start_new_session": True}
+    procs = [subprocess.Popen([str(bin_dir / "prefect"), "server", "start", "--host", "127.0.0.1",
+                               "--port", api.split(":")[-1].split("/")[0]], **quiet),
+             subprocess.Popen([str(bin_dir / "dask"), "scheduler", "--host", "127.0.0.1", "--port", str(port),
+                               "--no-dashboard"], **quiet)]
+    address = f"tcp://127.0.0.1:{port}"
+    try:
+        _wait(lambda: httpx.get(f"{api}/health").status_code == 200, "prefect server")
+        procs.append(subprocess.Popen([str(bin_dir / "dask"), "worker", address, "--nworkers", str(workers),
+                                       "--nthreads", "1", "--no-dashboard"], **quiet))
+        with Client(address, timeout=60) as client:
+            client.wait_for_workers(workers, timeout=120)
+        yield env, address
+    finally:
+        for proc in reversed(procs):
+            proc.terminate()
+        for proc in procs:
+            proc.wait(timeout=60)
+
+
+def flow_seconds(cmd: list[str], out: Path, env: dict[str, str] | None = None) -> float:
+    """Wall seconds of one flow run in a fresh process (outputs into a clean ``out``)."""
+    subprocess.run(["rm", "-rf", str(out)], check=True)
+    start = time.perf_counter()
+    subprocess.run([*cmd, "--out", str(out)], check=True, capture_output=True, env=env)
+    return time.perf_counter() - start
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--size", type=int, default=4096)
     parser.add_argument("--tile", type=int, default=512)
     parser.add_argument("--overlap", type=int, default=32)
     parser.add_argument("--batch-size", type=int, default=4)
+    parser.add_argument("--workers", type=int, nargs="+", default=[1, 2])
     args = parser.parse_args()
 
     scene = WORK / f"flow_{args.size}"
@@ -67,14 +131,16 @@ def main() -> None:
     start = time.perf_counter()
     detect_changes(pair.t1, pair.t2, scene / "out_cli", params, overwrite=True)
     results["cli"] = time.perf_counter() - start
-    for workers in (1, 2):
+    cores = os.cpu_count() or 1
+    for workers in args.workers:
         cmd = [sys.executable, str(REPO / "flows" / "detect.py"), "run", "--t1", str(pair.t1), "--t2", str(pair.t2),
-               "--out", str(scene / f"out_flow{workers}"), "--model", str(checkpoint), "--tile", str(args.tile),
-               "--overlap", str(args.overlap), "--batch-size", str(args.batch_size), "--overwrite", "--workers", str(workers)]
-        (scene / f"out_flow{workers}" / "run.json").unlink(missing_ok=True)
-        start = time.perf_counter()
-        subprocess.run(cmd, check=True, capture_output=True)
-        results[f"flow x{workers}"] = time.perf_counter() - start
+               "--model", str(checkpoint), "--tile", str(args.tile), "--overlap", str(args.overlap),
+               "--batch-size", str(args.batch_size), "--threads", str(max(1, cores // workers))]
+        results[f"flow x{workers}"] = flow_seconds([*cmd, "--workers", str(workers)], scene / f"out_flow{workers}")
+        with running_services(workers) as (env, address):
+            warm = [*cmd, "--dask-address", address]
+            flow_seconds(warm, scene / f"out_warmup{workers}", env)
+            results[f"warm x{workers}"] = flow_seconds(warm, scene / f"out_warm{workers}", env)
 
     tiles = len(plan_run(pair.t1, pair.t2, params).tiles)
     print(f"\nscene {args.size}x{args.size}x4, {tiles} tiles of {args.tile} px, fc-siam-diff, torch threads {torch.get_num_threads()}")

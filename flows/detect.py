@@ -215,6 +215,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     run.add_argument("--overwrite", action="store_true")
     run.add_argument("--dask-address", default=None, help="tcp://host:port of an existing Dask scheduler")
     run.add_argument("--workers", type=int, default=1, help="embedded LocalCluster worker processes")
+    run.add_argument("--threads", type=int, default=None,
+                     help="torch threads per worker (default: cores / workers embedded, Dask's 1 on an existing cluster)")
     serve = sub.add_parser("serve", help="serve the inbox flow on a cron schedule (local scheduling)")
     serve.add_argument("--inbox", default="data/inbox")
     serve.add_argument("--out-root", default="outputs/inbox")
@@ -223,7 +225,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.getLogger("distributed").setLevel(logging.WARNING)
     if args.command == "run":
-        threads = None if args.dask_address else max(1, (os.cpu_count() or 1) // args.workers)
+        threads = args.threads or (None if args.dask_address else max(1, (os.cpu_count() or 1) // args.workers))
         params = DetectFlowParams(t1=args.t1, t2=args.t2, out=args.out, model=args.model, tile=args.tile,
                                   overlap=args.overlap, batch_size=args.batch_size, overwrite=args.overwrite, threads=threads)
         try:
