@@ -183,9 +183,10 @@ def _add_domain_shift(sub: argparse._SubParsersAction) -> None:
 
 
 def _run_stage(config: EvaluationConfig, args: argparse.Namespace) -> int:
-    from changedet.evaluation.report import markdown, write_report
+    from changedet.evaluation.report import check_out_dir, markdown, write_report
     from changedet.evaluation.runs import run_evaluation
 
+    check_out_dir(config.stage, args.out, args.overwrite)
     report = run_evaluation(config, None if args.quiet else lambda job: print(f"{job.checkpoint} {job.scene} {job.setting}", file=sys.stderr))
     paths = write_report(report, args.out, args.overwrite)
     print(markdown(report))

@@ -22,7 +22,7 @@ from prefect.artifacts import create_markdown_artifact
 from prefect_dask import DaskTaskRunner
 from pydantic import BaseModel, Field
 
-from changedet.evaluation.report import markdown, write_report
+from changedet.evaluation.report import check_out_dir, markdown, write_report
 from changedet.evaluation.runs import (
     DomainShiftConfig,
     Job,
@@ -74,6 +74,7 @@ def publish(report: dict[str, Any]) -> None:
 @flow(name="evaluate-model", task_runner=DaskTaskRunner(), log_prints=True)
 def evaluate_model(params: EvaluateFlowParams) -> dict[str, Any]:
     """Run the configured evaluation stage and write its report into ``params.out``."""
+    check_out_dir(params.config.stage, params.out, params.overwrite)
     jobs = plan(params.config)
     print(f"{len(jobs)} {params.config.stage} jobs")
     results = [f.result() for f in evaluate.map(unmapped(params.config), jobs, unmapped(params.threads))]

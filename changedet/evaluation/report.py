@@ -123,9 +123,19 @@ def plot(report: dict[str, Any], path: str | Path) -> Path:
     return Path(path)
 
 
+def report_names(stage: str) -> list[str]:
+    """Files a report of ``stage`` consists of."""
+    return [REPORT, MARKDOWN, PLOTS[stage]]
+
+
+def check_out_dir(stage: str, out_dir: str | Path, overwrite: bool) -> None:
+    """Fail before any work (:class:`~changedet.errors.OutputError`) if ``out_dir`` holds a report and not ``overwrite``."""
+    OutputStaging.check(out_dir, report_names(stage), overwrite)
+
+
 def write_report(report: dict[str, Any], out_dir: str | Path, overwrite: bool = False) -> dict[str, Path]:
     """Write ``report.json``, ``report.md`` and the plot into ``out_dir`` (staged, then renamed: all or nothing)."""
-    names = [REPORT, MARKDOWN, PLOTS[report["stage"]]]
+    names = report_names(report["stage"])
     with OutputStaging(out_dir, names, overwrite) as staging:
         text = markdown(report)
         staging.path(REPORT).write_text(json.dumps({**report, "markdown": text}, indent=2))
