@@ -138,7 +138,8 @@ def loso(args: argparse.Namespace) -> None:
         rows[scene.name]["CVA"] = cva_confusion(scene)
         print(f"  fold {scene.name}: {time.perf_counter() - start:.0f} s", flush=True)
     modality = {p.name: "-".join(m[:3] for m in p.modalities) for p in prepared}
-    header = f"{'scene':>11} {'t1-t2':>7} {'change':>6} | " + " | ".join(f"{m[:13]:>13}" for m in methods)
+    short = {"pseudo-Siamese": "pseudo-Siam.", "pseudo-Siamese Otsu": "pseudo-S.Otsu"}
+    header = f"{'scene':>11} {'t1-t2':>7} {'change':>6} | " + " | ".join(f"{short.get(m, m):>13}" for m in methods)
     print(f"\nLeave-one-scene-out, F1 and kappa of the change class per held-out scene\n{header}")
     print(f"{'':>11} {'':>7} {'':>6} | " + " | ".join(f"{'F1':>6} {'kappa':>6}" for _ in methods))
     for scene in held_out:
@@ -165,7 +166,7 @@ def houston(args: argparse.Namespace) -> None:
     header = (f"{'encoders':>38} | {'d match':>7} {'d other':>7} | {'N=100 @1':>8} {'@5':>6} | {f'N={n} @1':>8} {'@5':>6} "
               f"| {'OA':>6} {'AA':>6} {'kappa':>6}")  # fmt: skip
     print(header)
-    pred, _ = linear_probe(np.hstack([fh, fl]), fit.labels, np.hstack([hh, hl]), seed=args.seed)
+    pred = linear_probe(np.hstack([fh, fl]), fit.labels, np.hstack([hh, hl]), seed=args.seed)
     m = classification_metrics(pred, held.labels)
     print(f"{'raw HSI+LiDAR features (reference)':>38} | {'':>7} {'':>7} | {'':>8} {'':>6} | {'':>8} {'':>6} "
           f"| {m['oa']:6.3f} {m['aa']:6.3f} {m['kappa']:6.3f}")  # fmt: skip
@@ -182,7 +183,7 @@ def houston(args: argparse.Namespace) -> None:
         match, other = matching_distances(e1, e2, args.seed)
         top100 = retrieval_topk(e1, e2, (1, 5), 100, args.seed)
         top_all = retrieval_topk(e1, e2, (1, 5))
-        pred, _ = linear_probe(np.hstack([f1, f2]), fit.labels, np.hstack([e1, e2]), seed=args.seed)
+        pred = linear_probe(np.hstack([f1, f2]), fit.labels, np.hstack([e1, e2]), seed=args.seed)
         m = classification_metrics(pred, held.labels)
         name = "untrained" if mining is None else f"cross-modal {mining}, {args.steps} steps, {seconds:.0f} s"
         print(f"{name:>38} | {match:7.3f} {other:7.3f} | {top100[1]:8.3f} {top100[5]:6.3f} | {top_all[1]:8.3f} {top_all[5]:6.3f} "

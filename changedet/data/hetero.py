@@ -51,11 +51,6 @@ class HeteroRecord:
         """The scene name."""
         return self.record.name
 
-    @property
-    def cross_modal(self) -> bool:
-        """True when the two dates are different modalities."""
-        return self.modalities[0] != self.modalities[1]
-
 
 def hetero_cd_scenes(root: str | Path, names: Sequence[str] | None = None) -> list[HeteroRecord]:
     """The ``hetero_cd`` scenes with the modalities declared in ``scenes.csv`` (in the CSV's order)."""
