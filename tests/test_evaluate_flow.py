@@ -33,5 +33,5 @@ def test_domain_shift_cli_writes_the_report(sample_city, tmp_path, capsys):
     assert [(r["shift"], r["severity"]) for r in report["rows"]] == [("clean", 0.0), ("blur", 3.0)]
     assert (tmp_path / "ds" / "f1_vs_severity.png").is_file() and "| blur |" in capsys.readouterr().out
     assert main(["domain-shift", *args, "--shifts", "blur"]) == 2  # existing report, no --overwrite
-    assert main(["robustness", *args, "--modes", "sideways"]) == 2
+    assert main(["robustness", *args[:-3], "--out", str(tmp_path / "rob"), "--modes", "sideways"]) == 2
     assert "unknown robustness setting(s): sideways" in capsys.readouterr().err
