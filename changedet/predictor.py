@@ -17,6 +17,7 @@ from changedet.models import ChangeModel, create_model, model_entry
 from changedet.weights import bundled_checkpoint
 
 DEFAULT_MODEL = "auto"
+CPU_PIXELS_PER_CALL = 1 << 17  # see TilePredictor._calls
 AUTO_BUNDLED = "oscd-s2"
 
 
@@ -166,8 +167,18 @@ class TilePredictor:
         t1 = torch.from_numpy(z1).to(self.device)
         t2 = torch.from_numpy(z2).to(self.device)
         start = time.perf_counter()
-        out = self.model.predict(t1, t2)
-        prob = out.probability[:, 0].float().cpu().numpy()
-        diff = out.difference[:, 0].float().cpu().numpy()
+        outs = [self.model.predict(t1[part], t2[part]) for part in self._calls(*t1.shape[:1], t1.shape[2] * t1.shape[3])]
+        prob = torch.cat([o.probability[:, 0] for o in outs]).float().cpu().numpy()
+        diff = torch.cat([o.difference[:, 0] for o in outs]).float().cpu().numpy()
         self.model_seconds += time.perf_counter() - start
         return prob, diff
+
+    def _calls(self, tiles: int, pixels_per_tile: int) -> list[slice]:
+        """Model calls of at most :data:`CPU_PIXELS_PER_CALL` pixels on the CPU (one call on a GPU).
+
+        Activations of a large CPU batch outgrow glibc's mmap threshold (32 MiB at most), so every
+        forward maps and zero-fills fresh pages: with 4 tiles of 512² about 40 % of the time went to
+        page faults. Calls of ~128 k pixels reuse heap memory (1.7x faster for FC-Siam-diff).
+        """
+        step = tiles if self.device.type != "cpu" else max(1, CPU_PIXELS_PER_CALL // pixels_per_tile)
+        return [slice(i, i + step) for i in range(0, tiles, step)]
