@@ -7,8 +7,9 @@ tiling and streaming mosaics (:mod:`changedet.tiling`, :mod:`changedet.mosaic`),
 
 import os
 
-# GDAL's block cache defaults to 5% of RAM; windowed reads need far less. Bounded so memory stays
+# GDAL's block cache defaults to 5% of RAM; windowed reads and block-row writes need far less (64 MB:
+# 16384² peak RSS 1462 MB vs 1506 MB with 128, same speed). Bounded so memory stays
 # flat with scene size (override by setting GDAL_CACHEMAX before importing changedet).
-os.environ.setdefault("GDAL_CACHEMAX", "128")
+os.environ.setdefault("GDAL_CACHEMAX", "64")
 
 __version__ = "0.1.0"
