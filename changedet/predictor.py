@@ -167,7 +167,7 @@ class TilePredictor:
         t1 = torch.from_numpy(z1).to(self.device)
         t2 = torch.from_numpy(z2).to(self.device)
         start = time.perf_counter()
-        outs = [self.model.predict(t1[part], t2[part]) for part in self._calls(*t1.shape[:1], t1.shape[2] * t1.shape[3])]
+        outs = [self.model.predict(t1[part], t2[part]) for part in self._calls(t1.shape[0], t1.shape[2] * t1.shape[3])]
         prob = torch.cat([o.probability[:, 0] for o in outs]).float().cpu().numpy()
         diff = torch.cat([o.difference[:, 0] for o in outs]).float().cpu().numpy()
         self.model_seconds += time.perf_counter() - start
