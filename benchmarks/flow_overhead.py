@@ -81,12 +81,7 @@ def running_services(workers: int) -> Iterator[tuple[dict[str, str], str]]:
     bin_dir = Path(sys.executable).parent
     home = tempfile.mkdtemp(prefix="changedet-bench-prefect-")
     api = f"http://127.0.0.1:{_free_port()}/api"
-    # Workers without Dask's MALLOC_TRIM_THRESHOLD_, as flows/detect.task_runner does for its LocalCluster.
-    (Path(home) / "dask.yaml").write_text(
-        "distributed:\n  nanny:\n    pre-spawn-environ:\n      MALLOC_TRIM_THRESHOLD_: null\n"
-    )
-    env = {**os.environ, "PREFECT_HOME": home, "PREFECT_API_URL": api, "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-           "DASK_CONFIG": home}
+    env = {**os.environ, "PREFECT_HOME": home, "PREFECT_API_URL": api, "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
     port = _free_port()
     quiet = {"stdout": subprocess.DEVNULL, "stderr": subprocess.DEVNULL, "env": env, "start_new_session": True}
     procs = [subprocess.Popen([str(bin_dir / "prefect"), "server", "start", "--host", "127.0.0.1",

@@ -20,7 +20,6 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal
 
-import dask
 from prefect import flow, task, unmapped
 from prefect.artifacts import create_markdown_artifact
 from prefect.runtime import flow_run
@@ -184,10 +183,6 @@ def task_runner(dask_address: str | None = None, workers: int | None = None) -> 
     """An existing Dask cluster (``tcp://…``) or an embedded LocalCluster of ``workers`` processes."""
     if dask_address:
         return DaskTaskRunner(address=dask_address)
-    # Dask's MALLOC_TRIM_THRESHOLD_=64 KiB hands freed memory back to the OS after every model call, so
-    # every forward page-faults its activations again (measured 2x slower); keep glibc's defaults.
-    environ = {k: v for k, v in dask.config.get("distributed.nanny.pre-spawn-environ").items() if k != "MALLOC_TRIM_THRESHOLD_"}
-    dask.config.set({"distributed.nanny.pre-spawn-environ": environ})
     return DaskTaskRunner(cluster_kwargs={"n_workers": workers or 1, "threads_per_worker": 1, "processes": True})
 
 

@@ -32,6 +32,7 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
+from changedet.allocator import keep_freed_memory
 from changedet.checkpoint import load_state_dict, read_metadata, save_checkpoint
 from changedet.data.datasets import PatchDataset, collate_patches
 from changedet.data.scenes import ChangeScene
@@ -207,6 +208,8 @@ class Trainer:
         self.device = pick_device(self.settings.device)
         self.amp = bool(self.settings.amp and self.device.type == "cuda")
         self.model.to(self.device)  # before the optimizer, so resumed optimizer state lands on the device
+        if self.device.type == "cpu":
+            keep_freed_memory()
         self.bands = train_data.scenes[0].bands
         s = self.settings
         self.steps_per_epoch = max(1, len(train_data) // s.batch_size)
