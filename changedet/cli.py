@@ -29,8 +29,8 @@ def _add_detect(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--t1", required=True, help="date 1: raster file, folder of per-band files, or glob")
     p.add_argument("--t2", required=True, help="date 2: same forms as --t1")
     p.add_argument("--out", required=True, help="output folder")
-    p.add_argument("--model", default=DEFAULT_MODEL, help=f"bundled model (oscd-s2), registry name or checkpoint path; default {DEFAULT_MODEL}: "
-                   "oscd-s2 for scenes with its 13 Sentinel-2 bands, else cva")
+    p.add_argument("--model", default=DEFAULT_MODEL, help=f"bundled model (oscd-s2, rgb), registry name or checkpoint path; default {DEFAULT_MODEL}: "
+                   "oscd-s2 for scenes with its 13 Sentinel-2 bands, rgb for 3-band scenes, else cva")
     p.add_argument("--tile", type=int, default=256, help="tile size in pixels (default 256)")
     p.add_argument("--overlap", type=int, default=32, help="tile overlap in pixels (default 32)")
     p.add_argument("--threshold", type=float, default=None, help="probability threshold (default: model's, else 0.5)")

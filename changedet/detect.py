@@ -34,6 +34,7 @@ import torch
 
 import changedet
 from changedet.align import AlignedPair, PairReader, align_pair
+from changedet.data.stats import date_statistics
 from changedet.errors import ChangeDetError, InputError, ModelError
 from changedet.io.polygons import polygonize_mask
 from changedet.io.scene import Scene, open_scene
@@ -142,7 +143,9 @@ def open_inputs(t1: str | Path, t2: str | Path, params: DetectParams) -> tuple[S
                 f"--bands {','.join(bands1)} does not match (omit --bands to let the model pick its bands)"
             )
         bands1, bands2 = spec.bands
-    return open_scene(t1, bands1, params.nodata), open_scene(t2, bands2, params.nodata), spec
+    scene1, scene2 = open_scene(t1, bands1, params.nodata), open_scene(t2, bands2, params.nodata)
+    spec.check_band_counts((scene1.count, scene2.count), (str(t1), str(t2)))
+    return scene1, scene2, spec
 
 
 def input_fingerprint(t1: str | Path, t2: str | Path, params: DetectParams) -> str:
@@ -196,6 +199,9 @@ def plan_run(t1: str | Path, t2: str | Path, params: DetectParams) -> RunPlan:
     threshold = params.threshold if params.threshold is not None else float(spec.metadata.get("threshold", 0.5))
     timings = {"prepare_s": time.perf_counter() - start}
     start = time.perf_counter()
+    if spec.per_scene_normalization:  # exact statistics of the whole scene, as in training
+        with PairReader(pair) as reader:
+            predictor.set_scene_statistics(date_statistics(reader.read, pair.grid.height, pair.grid.width))
     if predictor.needs_samples:
         predictor.fit_scene(*_sample_pixels(pair, tiles, params))
     timings["sample_s"] = time.perf_counter() - start

@@ -12,6 +12,7 @@ import torch
 
 from changedet.allocator import keep_freed_memory
 from changedet.checkpoint import load_state_dict, read_metadata
+from changedet.data.stats import PER_SCENE
 from changedet.edge import to_runtime
 from changedet.errors import ModelError
 from changedet.models import ChangeModel, create_model, model_entry
@@ -20,6 +21,7 @@ from changedet.weights import bundled_checkpoint
 DEFAULT_MODEL = "auto"
 CPU_PIXELS_PER_CALL = 1 << 17  # see TilePredictor._calls
 AUTO_BUNDLED = "oscd-s2"
+AUTO_RGB = "rgb"
 
 
 @dataclass(frozen=True)
@@ -51,6 +53,31 @@ class ModelSpec:
         return (bands["t1"], bands["t2"]) if isinstance(bands, dict) else (list(bands), list(bands))
 
     @property
+    def per_scene_normalization(self) -> bool:
+        """True when the model standardises every scene with the scene's own statistics."""
+        return self.metadata.get("normalization") == PER_SCENE
+
+    @property
+    def input_channels(self) -> tuple[int, int] | None:
+        """Band counts per date the checkpoint takes (None when unknown or chosen by band name)."""
+        channels = self.metadata.get("input_channels")
+        return None if channels is None else (int(channels[0]), int(channels[1]))
+
+    def check_band_counts(self, counts: tuple[int, int], sources: tuple[str, str]) -> None:
+        """Refuse scenes whose band counts the checkpoint cannot take, saying what it expects."""
+        expected = self.input_channels
+        if self.bands is not None or expected is None:
+            return
+        for date, (count, want, source) in enumerate(zip(counts, expected, sources), start=1):
+            if count != want:
+                names = self.metadata.get("channel_names")
+                what = f" ({', '.join(names)}, in that order)" if names else ""
+                raise ModelError(
+                    f"model {self.checkpoint.name if self.checkpoint else self.name} takes {want} bands{what}; "
+                    f"t{date} {source} has {count}: choose them with --bands (names or 1-based indices, e.g. --bands 1,2,3)"
+                )
+
+    @property
     def heterogeneous(self) -> bool:
         """True when the two dates may have different bands (pseudo-Siamese, or per-date checkpoint bands)."""
         bands = self.bands
@@ -80,11 +107,14 @@ def resolve_model(spec: str) -> ModelSpec:
 
 
 def auto_model(band_names: tuple[str, ...]) -> ModelSpec:
-    """For ``--model auto``: the bundled Sentinel-2 model when the scene has its bands, else CVA."""
+    """For ``--model auto``: the bundled Sentinel-2 model when the scene has its bands, the bundled
+    RGB model for 3-band scenes, else CVA."""
     if bundled_checkpoint(AUTO_BUNDLED) is not None:
         spec = resolve_model(AUTO_BUNDLED)
         if spec.bands is not None and set(spec.bands[0]) <= set(band_names):
             return spec
+    if len(band_names) == 3 and bundled_checkpoint(AUTO_RGB) is not None:
+        return resolve_model(AUTO_RGB)
     return resolve_model("cva")
 
 
@@ -122,15 +152,23 @@ class TilePredictor:
                 raise ModelError(f"--runtime {runtime} runs on the CPU; drop --device {device}")
             self.model = to_runtime(self.model, runtime)
         norm = spec.metadata.get("normalization")
-        self.normalization = None if norm is None else tuple(
+        self.per_scene = spec.per_scene_normalization
+        self.normalization = None if norm is None or self.per_scene else tuple(
             (np.asarray(norm[d]["mean"], np.float32), np.asarray(norm[d]["std"], np.float32)) for d in ("t1", "t2")
         )
         self.model_seconds = 0.0
 
     @property
     def needs_samples(self) -> bool:
-        """True when the scene must be sampled first (scene-adaptive model or no stored statistics)."""
-        return self.model.needs_scene_fit or self.normalization is None
+        """True when the scene must be sampled first (scene-adaptive model or no stored statistics);
+        per-scene models get exact statistics from :meth:`set_scene_statistics` instead."""
+        return self.model.needs_scene_fit or (self.normalization is None and not self.per_scene)
+
+    def set_scene_statistics(self, stats: dict[str, Any]) -> None:
+        """Adopt ``{"t1": {"mean", "std"}, "t2": ...}`` (:func:`changedet.data.stats.date_statistics`)."""
+        self.normalization = tuple(
+            (np.asarray(stats[d]["mean"], np.float32), np.asarray(stats[d]["std"], np.float32)) for d in ("t1", "t2")
+        )
 
     def fit_scene(self, x1: np.ndarray, x2: np.ndarray) -> None:
         """Scene statistics from valid pixel samples ``(N, C)`` of each date."""
@@ -164,7 +202,7 @@ class TilePredictor:
     def predict(self, x1: np.ndarray, x2: np.ndarray, valid: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """``x1, x2 (B, C, h, w)``, ``valid (B, h, w)`` -> probability and difference ``(B, h, w)``."""
         if self.normalization is None:
-            raise ModelError("TilePredictor.fit_scene must run before predict for a model without statistics")
+            raise ModelError("TilePredictor.fit_scene (or set_scene_statistics) must run before predict for a model without statistics")
         z1 = np.where(valid[:, None], self._normalize(x1, 0), 0).astype(np.float32)
         z2 = np.where(valid[:, None], self._normalize(x2, 1), 0).astype(np.float32)
         t1 = torch.from_numpy(z1).to(self.device)

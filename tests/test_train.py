@@ -81,7 +81,7 @@ def test_bundled_config_validates() -> None:
 @pytest.mark.parametrize("path", sorted((REPO / "configs" / "train").glob("*.yaml")), ids=lambda p: p.name)
 def test_every_shipped_config_validates(path: Path) -> None:
     cfg = load_train_config(path)
-    assert cfg.data.val and cfg.output_dir.parts[0] == "outputs"
+    assert all(source.val for source in cfg.data.source_list()) and cfg.output_dir.parts[0] == "outputs"
 
 
 @pytest.mark.parametrize(

@@ -24,7 +24,7 @@ from torch.utils.data import Dataset, Sampler
 
 from changedet.data.augment import PairedAugment
 from changedet.data.scenes import IGNORE, ChangeScene
-from changedet.data.stats import normalization_arrays
+from changedet.data.stats import PER_SCENE, scene_normalization_arrays
 from changedet.errors import InputError
 
 
@@ -103,10 +103,10 @@ class PatchDataset(Dataset):
     """Normalised, augmented bi-temporal patches read lazily from scenes.
 
     Args:
-        scenes: opened scenes (same bands).
+        scenes: opened scenes (same bands; with per-scene statistics, the same band counts).
         patch_size: side of the read window (the output side unless ``augment.crop`` is set).
-        normalization: ``{"t1": {"mean", "std"}, "t2": ...}`` (see :mod:`changedet.data.stats`);
-            None returns raw values.
+        normalization: ``{"t1": {"mean", "std"}, "t2": ...}`` or per-scene statistics (see
+            :mod:`changedet.data.stats`); None returns raw values.
         augment: paired augmentation, or None.
         length: patches per epoch (``len(dataset)``).
         change_fraction: see :class:`PatchSampler`.
@@ -135,17 +135,17 @@ class PatchDataset(Dataset):
             missing = [s.name for s in scenes if not s.labelled]
             if missing:
                 raise InputError(f"scenes without a label: {', '.join(missing)}")
-        if scenes:
-            bands = scenes[0].bands
-            for s in scenes[1:]:
-                if s.bands != bands:
-                    raise InputError(f"scene {s.name} has bands {s.bands}, {scenes[0].name} has {bands}")
+        per_scene = normalization is not None and normalization.get("mode") == PER_SCENE
+        for s in scenes[1:]:
+            same = s.channels == scenes[0].channels if per_scene else s.bands == scenes[0].bands
+            if not same:
+                raise InputError(f"scene {s.name} has bands {s.bands}, {scenes[0].name} has {scenes[0].bands}")
         if augment is not None and augment.swap and scenes and scenes[0].channels[0] != scenes[0].channels[1]:
             raise InputError("date swap needs the same bands on both dates")
         self.scenes = list(scenes)
         self.patch_size = int(patch_size)
         self.normalization = normalization
-        self._norm = normalization_arrays(normalization) if normalization is not None else None
+        self._norms = [scene_normalization_arrays(normalization, s) for s in scenes] if normalization is not None else None
         self.augment = augment
         self.length = int(length)
         self.seed = int(seed)
@@ -170,10 +170,10 @@ class PatchDataset(Dataset):
         x1, x2, valid, label = self.scenes[key.scene].read_padded(key.row, key.col, p, p)
         return x1, x2, valid, label, valid & (label != IGNORE)
 
-    def _normalise(self, x: np.ndarray, valid: np.ndarray, date: int) -> np.ndarray:
-        if self._norm is None:
+    def _normalise(self, x: np.ndarray, valid: np.ndarray, scene: int, date: int) -> np.ndarray:
+        if self._norms is None:
             return np.where(valid[None], x, 0).astype(np.float32)
-        mean, std = self._norm[date]
+        mean, std = self._norms[scene][date]
         return np.where(valid[None], (x - mean) / std, 0).astype(np.float32)
 
     def __getitem__(self, item: int | PatchKey | Sequence[int]) -> dict[str, Any]:
@@ -189,8 +189,8 @@ class PatchDataset(Dataset):
             key = self.sampler.draw(np.random.default_rng([key.seed, tries]))
             x1, x2, valid, label, loss_valid = self.read(key)
             tries += 1
-        z1 = self._normalise(x1, valid, 0)
-        z2 = self._normalise(x2, valid, 1)
+        z1 = self._normalise(x1, valid, key.scene, 0)
+        z2 = self._normalise(x2, valid, key.scene, 1)
         target = (label == 1).astype(np.float32)
         if self.augment is not None:
             rng = np.random.default_rng(key.seed)

@@ -7,11 +7,16 @@ unless it is cached), accumulating per-band sums of valid pixels in float64, and
 
 which :class:`changedet.predictor.TilePredictor` applies as ``(x - mean) / std`` on raw values.
 Compute it on the *training* scenes only: validation/test statistics must not leak into training.
+
+:func:`per_scene_normalization` instead standardises every scene (and date) with its own statistics
+(:func:`date_statistics`), for models trained across sensors whose radiometry differs (8-bit RGB
+next to Sentinel-2 reflectance). Such checkpoints store ``"normalization": "per-scene"`` and
+inference computes the same exact statistics on the scene it is given.
 """
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 from rasterio.windows import Window
@@ -20,6 +25,7 @@ from changedet.data.scenes import ChangeScene
 from changedet.errors import InputError
 
 MIN_STD = 1e-6
+PER_SCENE = "per-scene"
 
 
 class _Moments:
@@ -67,6 +73,49 @@ def _blocks(height: int, width: int, block: int) -> list[Window]:
         for r in range(0, height, block)
         for c in range(0, width, block)
     ]
+
+
+def date_statistics(
+    read: Callable[[Window], tuple[np.ndarray, np.ndarray, np.ndarray]], height: int, width: int, block: int = 512
+) -> dict[str, Any]:
+    """Exact per-date mean/std of the valid pixels of a whole pair, streamed block by block.
+
+    ``read(window) -> (x1, x2, valid)`` is :meth:`ChangeScene.read` in training and
+    :meth:`changedet.align.PairReader.read` in inference, so both see identical statistics.
+    """
+    m1 = m2 = None
+    for window in _blocks(height, width, block):
+        x1, x2, valid = read(window)
+        if m1 is None:
+            m1, m2 = _Moments(x1.shape[0]), _Moments(x2.shape[0])
+        m1.update(x1[:, valid])
+        m2.update(x2[:, valid])
+    if m1 is None or m1.n == 0:
+        raise InputError("no valid pixel where t1 and t2 overlap (all nodata/NaN)")
+    return {"t1": m1.result(), "t2": m2.result()}
+
+
+def per_scene_normalization(scenes: Sequence[ChangeScene]) -> dict[str, Any]:
+    """Every scene's own :func:`date_statistics`, keyed by scene name (names must be unique)."""
+    names = [s.name for s in scenes]
+    if len(set(names)) != len(names):
+        raise InputError(f"per-scene statistics need unique scene names: {', '.join(sorted({n for n in names if names.count(n) > 1}))}")
+    channels = {s.channels for s in scenes}
+    if len(channels) > 1:
+        raise InputError(f"scenes have different band counts {sorted(channels)}: select the same number of bands in every source")
+    return {"mode": PER_SCENE, "scenes": {s.name: date_statistics(s.read, *s.shape) for s in scenes}}
+
+
+def scene_normalization_arrays(
+    normalization: dict[str, Any], scene: ChangeScene
+) -> tuple[tuple[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]]:
+    """:func:`normalization_arrays` of ``scene``: its own statistics in per-scene mode, else the shared ones."""
+    if normalization.get("mode") == PER_SCENE:
+        stats = normalization["scenes"].get(scene.name)
+        if stats is None:
+            raise InputError(f"no per-scene statistics for scene {scene.name}")
+        return normalization_arrays(stats)
+    return normalization_arrays(normalization)
 
 
 def compute_normalization(
@@ -133,6 +182,8 @@ def compute_normalization(
 
 def normalization_arrays(normalization: dict[str, Any]) -> tuple[tuple[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]]:
     """``((mean1, std1), (mean2, std2))`` float32 arrays shaped ``(C, 1, 1)``."""
+    if normalization.get("mode") == PER_SCENE:
+        raise InputError("per-scene normalisation has no shared statistics: use scene_normalization_arrays")
     out = []
     for d in ("t1", "t2"):
         mean = np.asarray(normalization[d]["mean"], np.float32)[:, None, None]
@@ -142,5 +193,7 @@ def normalization_arrays(normalization: dict[str, Any]) -> tuple[tuple[np.ndarra
 
 
 def checkpoint_normalization(normalization: dict[str, Any]) -> dict[str, Any]:
-    """Only the ``t1``/``t2`` mean/std part (what checkpoint metadata stores)."""
+    """Only the ``t1``/``t2`` mean/std part (what checkpoint metadata stores); ``"per-scene"`` in that mode."""
+    if normalization.get("mode") == PER_SCENE:
+        return PER_SCENE
     return {d: {"mean": list(normalization[d]["mean"]), "std": list(normalization[d]["std"])} for d in ("t1", "t2")}

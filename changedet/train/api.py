@@ -18,7 +18,7 @@ from changedet.data.augment import PairedAugment
 from changedet.data.datasets import PatchDataset
 from changedet.data.scenes import ChangeScene, discover_scenes, open_scenes
 from changedet.data.splits import describe_split, split_by_groups
-from changedet.data.stats import compute_normalization
+from changedet.data.stats import compute_normalization, per_scene_normalization
 from changedet.errors import InputError
 from changedet.losses import build_loss
 from changedet.models import ChangeModel, create_model
@@ -49,32 +49,40 @@ class PreparedData:
 
 
 def prepare_data(cfg: TrainConfig, with_unlabelled: bool | None = None) -> PreparedData:
-    """Discover scenes, split them by group (never one city on both sides), open them, compute statistics.
+    """Discover scenes of every source, split each by group (never one city on both sides), open them,
+    compute statistics.
 
-    Statistics come from the training scenes only. Unlabelled scenes (for SimSiam) exclude the
-    validation groups.
+    Shared statistics come from the training scenes only; per-scene statistics are each scene's own
+    (as inference computes them). Unlabelled scenes (for SimSiam) exclude the validation groups.
     """
     d = cfg.data
-    records = discover_scenes(d.root, d.layout)
-    labelled = [r for r in records if r.labelled]
-    if not labelled:
-        raise InputError(f"no labelled scene under {d.root}")
-    train_recs, val_recs = split_by_groups(labelled, d.val, d.train)
-    if not train_recs:
-        raise InputError("no training scene left after removing the validation groups")
-    split = describe_split(train_recs, val_recs).to_dict()
     if with_unlabelled is None:
         with_unlabelled = cfg.simsiam.enabled and cfg.simsiam.include_unlabelled
-    val_groups = {r.group for r in val_recs}
-    extra = [r for r in records if not r.labelled and r.group not in val_groups] if with_unlabelled else []
     heterogeneous = d.bands_t2 is not None and d.bands_t2 != d.bands
-    scenes = open_scenes(
-        train_recs + val_recs + extra, d.bands, d.bands_t2, d.nodata, d.resampling, heterogeneous, d.cache_mb * 2**20
-    )
-    train = scenes[: len(train_recs)]
-    val = scenes[len(train_recs) : len(train_recs) + len(val_recs)]
-    unlabelled = scenes[len(train_recs) + len(val_recs) :]
-    normalization = compute_normalization(train, d.shared_stats, max_pixels_per_scene=d.stats_max_pixels, seed=cfg.seed)
+    train: list[ChangeScene] = []
+    val: list[ChangeScene] = []
+    unlabelled: list[ChangeScene] = []
+    for source in d.source_list():
+        records = discover_scenes(source.root, source.layout)
+        labelled = [r for r in records if r.labelled]
+        if not labelled:
+            raise InputError(f"no labelled scene under {source.root}")
+        train_recs, val_recs = split_by_groups(labelled, source.val, source.train)
+        if not train_recs:
+            raise InputError(f"no training scene left under {source.root} after removing the validation groups")
+        val_groups = {r.group for r in val_recs}
+        extra = [r for r in records if not r.labelled and r.group not in val_groups] if with_unlabelled else []
+        scenes = open_scenes(
+            train_recs + val_recs + extra, source.bands, d.bands_t2, d.nodata, d.resampling, heterogeneous, d.cache_mb * 2**20
+        )
+        train += scenes[: len(train_recs)]
+        val += scenes[len(train_recs) : len(train_recs) + len(val_recs)]
+        unlabelled += scenes[len(train_recs) + len(val_recs) :]
+    split = describe_split(train, val).to_dict()
+    if d.normalization == "per-scene":
+        normalization = per_scene_normalization(train + val + unlabelled)
+    else:
+        normalization = compute_normalization(train, d.shared_stats, max_pixels_per_scene=d.stats_max_pixels, seed=cfg.seed)
     split["unlabelled"] = [s.name for s in unlabelled]
     return PreparedData(train, val, unlabelled, normalization, split)
 
@@ -157,7 +165,10 @@ def train_from_config(config: str | Path | TrainConfig, overrides: dict[str, Any
         val_batch_size=cfg.validation.batch_size, tune_threshold=cfg.validation.tune_threshold,
         num_workers=cfg.data.num_workers, progress=cfg.progress, resume=cfg.resume,
     )  # fmt: skip
-    extra = {"data": {"layout": cfg.data.layout, "root": str(cfg.data.root)}, "pretraining": pretraining}
+    sources = [{"layout": src.layout, "root": str(src.root), "bands": src.bands} for src in cfg.data.source_list()]
+    extra = {"data": {"sources": sources, "normalization": cfg.data.normalization}, "pretraining": pretraining}
+    if cfg.data.channel_names:
+        extra["channel_names"] = list(cfg.data.channel_names)
     trainer = Trainer(
         model, cfg.model.name, cfg.model.config, build_loss(cfg.loss.name, **cfg.loss.kwargs()), train_data,
         data.val, data.normalization, out_dir, settings, data.split, extra,

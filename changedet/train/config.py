@@ -45,11 +45,32 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
-class DataSection(_Strict):
-    """Where the scenes are and how patches are drawn."""
+Layout = Literal["auto", "oscd", "levir", "pairs"]
 
-    layout: Literal["auto", "oscd", "levir", "pairs"] = "auto"
+
+class SourceSection(_Strict):
+    """One dataset of a multi-source training (``data.sources``), split by its own groups."""
+
+    layout: Layout = "auto"
     root: Path
+    bands: list[str] | None = Field(default=None, description="this source's bands, in the model's channel order")
+    val: list[str] = Field(default_factory=list)
+    train: list[str] | None = None
+
+
+class DataSection(_Strict):
+    """Where the scenes are and how patches are drawn.
+
+    One dataset (``layout``, ``root``, ``bands``, ``val``, ``train``) or several (``sources``, each
+    with those keys). ``normalization: per-scene`` standardises every scene with its own statistics
+    (needed when sources differ in radiometry, e.g. 8-bit RGB and Sentinel-2 reflectance).
+    """
+
+    layout: Layout = "auto"
+    root: Path | None = None
+    sources: list[SourceSection] = Field(default_factory=list)
+    normalization: Literal["training", "per-scene"] = "training"
+    channel_names: list[str] | None = Field(default=None, description="what the model's input channels are (documentation)")
     bands: list[str] | None = None
     bands_t2: list[str] | None = None
     val: list[str] = Field(default_factory=list, description="validation groups (cities) or scene names")
@@ -63,6 +84,22 @@ class DataSection(_Strict):
     resampling: Literal["nearest", "bilinear", "cubic", "average", "lanczos"] = "bilinear"
     shared_stats: bool | None = Field(default=None, description="pool both dates' statistics (None: when bands match)")
     stats_max_pixels: PositiveInt | None = Field(default=None, description="subsample per scene for statistics")
+
+    @model_validator(mode="after")
+    def _one_kind_of_source(self) -> "DataSection":
+        if self.sources and (self.root is not None or self.bands is not None or self.val or self.train is not None):
+            raise ValueError("give either root/bands/val/train or sources (each with its own root, bands, val, train)")
+        if not self.sources and self.root is None:
+            raise ValueError("data.root (or data.sources) is required")
+        if self.sources and self.bands_t2 is not None:
+            raise ValueError("bands_t2 is not supported with sources")
+        return self
+
+    def source_list(self) -> list[SourceSection]:
+        """The datasets to train on (a single-dataset config as one source)."""
+        if self.sources:
+            return list(self.sources)
+        return [SourceSection(layout=self.layout, root=self.root, bands=self.bands, val=self.val, train=self.train)]
 
 
 class AugmentSection(_Strict):
@@ -234,7 +271,10 @@ def load_train_config(
     except ValidationError as exc:
         reasons = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'config'}: {e['msg']}" for e in exc.errors())
         raise ConfigError(f"invalid training config{f' {path}' if path else ''}: {reasons}") from exc
-    cfg.data.root = _resolve(cfg.data.root, base)
+    if cfg.data.root is not None:
+        cfg.data.root = _resolve(cfg.data.root, base)
+    for source in cfg.data.sources:
+        source.root = _resolve(source.root, base)
     if cfg.init_encoder is not None:
         cfg.init_encoder = _resolve(cfg.init_encoder, base)
     return cfg

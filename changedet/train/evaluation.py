@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from changedet.data.scenes import IGNORE, ChangeScene
-from changedet.data.stats import normalization_arrays
+from changedet.data.stats import scene_normalization_arrays
 from changedet.metrics import Confusion
 from changedet.models import ChangeModel
 from changedet.mosaic import StreamingMosaic
@@ -138,7 +138,7 @@ def predict_scene(
     normalise-and-predict step of each batch (e.g. an adversarial attack per tile); it gets the raw
     tiles and their labels.
     """
-    (m1, s1), (m2, s2) = normalization_arrays(normalization)
+    (m1, s1), (m2, s2) = scene_normalization_arrays(normalization, scene)
     h, w = scene.shape
     tiles = plan_tiles(h, w, tile, overlap)
     device = torch.device(device)

@@ -135,7 +135,7 @@ def _json_safe(value: Any) -> Any:
 def checkpoint_metadata(
     model_name: str,
     model_config: dict[str, Any],
-    bands: tuple[Sequence[str], Sequence[str]],
+    bands: tuple[Sequence[str], Sequence[str]] | None,
     normalization: dict[str, Any],
     threshold: float,
     metrics: dict[str, Any] | None = None,
@@ -147,14 +147,15 @@ def checkpoint_metadata(
 
     ``model``/``config``/``bands``/``normalization``/``threshold`` drive inference; ``stats``
     (pixel counts, scenes, pooled or per date), ``metrics``, ``split`` and ``training`` document
-    the run.
+    the run. ``bands`` None (sources with different band names, per-scene statistics): the model
+    takes any scene with ``input_channels`` bands, in the order the user selects.
     """
     meta = {
         "model": model_name,
         "config": {k: v for k, v in model_config.items() if k != "in_channels"},
-        "bands": {"t1": list(bands[0]), "t2": list(bands[1])},
+        "bands": None if bands is None else {"t1": list(bands[0]), "t2": list(bands[1])},
         "normalization": checkpoint_normalization(normalization),
-        "stats": {k: normalization[k] for k in ("pixels", "scenes", "shared") if k in normalization},
+        "stats": {k: list(v) if k == "scenes" else v for k, v in normalization.items() if k in ("pixels", "scenes", "shared")},
         "threshold": float(threshold),
         "metrics": metrics,
         "split": split,
@@ -210,7 +211,9 @@ class Trainer:
         self.model.to(self.device)  # before the optimizer, so resumed optimizer state lands on the device
         if self.device.type == "cpu":
             keep_freed_memory()
-        self.bands = train_data.scenes[0].bands
+        scenes = train_data.scenes + self.val_scenes
+        self.bands = scenes[0].bands if all(s.bands == scenes[0].bands for s in scenes) else None
+        self.extra_metadata.setdefault("input_channels", list(scenes[0].channels))
         s = self.settings
         self.steps_per_epoch = max(1, len(train_data) // s.batch_size)
         params = [p for p in model.parameters() if p.requires_grad]
