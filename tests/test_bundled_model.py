@@ -1,4 +1,5 @@
-"""The bundled OSCD Sentinel-2 model: default for 13-band scenes, reproduces its recorded validation F1."""
+"""The bundled models: OSCD Sentinel-2 (default for 13-band scenes) and RGB (default for 3-band scenes)
+describe their inputs and reproduce their recorded validation F1 on the sample city."""
 
 
 import pytest
@@ -11,6 +12,7 @@ from changedet.predictor import auto_model, resolve_model
 from changedet.weights import bundled_checkpoint
 
 CHECKPOINT = bundled_checkpoint("oscd-s2")
+RGB = bundled_checkpoint("rgb")
 
 
 def test_bundled_checkpoint_is_small_and_self_describing():
@@ -23,14 +25,26 @@ def test_bundled_checkpoint_is_small_and_self_describing():
 
 def test_auto_picks_the_bundled_model_only_for_its_bands():
     assert auto_model(tuple(read_metadata(CHECKPOINT)["bands"]["t1"])).name == resolve_model("oscd-s2").name
-    assert auto_model(("B1", "B2", "B3")).name == "cva"
+    assert auto_model(("B1", "B2", "B3")).checkpoint == RGB
+    assert auto_model(("B1", "B2", "B3", "B4")).name == "cva"
 
 
-def test_reproduces_recorded_validation_f1_on_the_sample_city(sample_city, tmp_path):
-    meta = read_metadata(CHECKPOINT)
+def test_bundled_rgb_checkpoint_is_small_and_self_describing():
+    assert RGB is not None and RGB.stat().st_size < 8 * 2**20
+    meta = read_metadata(RGB)
+    assert meta["normalization"] == "per-scene" and meta["bands"] is None
+    assert meta["input_channels"] == [3, 3] and meta["channel_names"] == ["red", "green", "blue"]
+    split = meta["split"]
+    assert {"bercy", "val_27_0000_0256"} <= set(split["val"]) and not set(split["val"]) & set(split["train"])
+    assert not set(split["val_groups"]) & set(split["train_groups"])
+
+
+@pytest.mark.parametrize("name, bands", [("oscd-s2", None), ("rgb", ("B04", "B03", "B02"))])
+def test_reproduces_recorded_validation_f1_on_the_sample_city(sample_city, tmp_path, name, bands):
+    meta = read_metadata(bundled_checkpoint(name))
     recorded = meta["metrics"]["per_scene"]["bercy"]
     validation = meta["training"]["validation"]  # the tiling of the trainer's full-scene validation
-    params = DetectParams(model="oscd-s2", tile=validation["tile"], overlap=validation["overlap"])
+    params = DetectParams(model=name, bands=bands, tile=validation["tile"], overlap=validation["overlap"])
     result = detect_changes(sample_city / "imgs_1", sample_city / "imgs_2", tmp_path / "out", params)
     assert result.summary["threshold"] == pytest.approx(meta["threshold"])
     metrics = evaluate_mask(result.path(MASK), sample_city / "cm" / "bercy-cm.tif")
@@ -42,3 +56,10 @@ def test_scene_without_a_model_band_is_refused_with_the_reason(sample_city, tmp_
     rc = main(["detect", "--t1", str(sample_city / "imgs_1"), "--t2", str(sample_city / "imgs_2"),
                "--out", str(tmp_path / "o"), "--model", "oscd-s2", "--bands", "B02,B03,B04", "--quiet"])
     assert rc == 2 and "band" in capsys.readouterr().err
+
+
+def test_rgb_model_refuses_a_scene_with_another_band_count(sample_city, tmp_path, capsys):
+    rc = main(["detect", "--t1", str(sample_city / "imgs_1"), "--t2", str(sample_city / "imgs_2"),
+               "--out", str(tmp_path / "o"), "--model", "rgb", "--quiet"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "takes 3 bands (red, green, blue, in that order)" in err and "has 13" in err
