@@ -174,7 +174,13 @@ def _(c: Ctx) -> Case:
 @case("band count mismatch")
 def _(c: Ctx) -> Case:
     four = write_raster(c.tmp / "four.tif", np.ones((4, 64, 64), np.uint16))
-    return Case(c.args(c.t1, four), "band count")
+    return Case([*c.args(c.t1, four), "--model", "cva"], "band count")
+
+
+@case("band count the model does not take")
+def _(c: Ctx) -> Case:
+    four = write_raster(c.tmp / "four.tif", np.ones((4, 64, 64), np.uint16))
+    return Case([*c.args(c.t1, four), "--model", "rgb"], "takes 3 bands")
 
 
 @case("band names mismatch")
