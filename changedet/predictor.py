@@ -151,21 +151,21 @@ class TilePredictor:
             if self.device.type != "cpu":
                 raise ModelError(f"--runtime {runtime} runs on the CPU; drop --device {device}")
             self.model = to_runtime(self.model, runtime)
+        self.normalization: tuple[tuple[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]] | None = None
         norm = spec.metadata.get("normalization")
-        self.per_scene = spec.per_scene_normalization
-        self.normalization = None if norm is None or self.per_scene else tuple(
-            (np.asarray(norm[d]["mean"], np.float32), np.asarray(norm[d]["std"], np.float32)) for d in ("t1", "t2")
-        )
+        if norm is not None and not spec.per_scene_normalization:
+            self.set_scene_statistics(norm)
         self.model_seconds = 0.0
 
     @property
     def needs_samples(self) -> bool:
         """True when the scene must be sampled first (scene-adaptive model or no stored statistics);
         per-scene models get exact statistics from :meth:`set_scene_statistics` instead."""
-        return self.model.needs_scene_fit or (self.normalization is None and not self.per_scene)
+        return self.model.needs_scene_fit or (self.normalization is None and not self.spec.per_scene_normalization)
 
     def set_scene_statistics(self, stats: dict[str, Any]) -> None:
-        """Adopt ``{"t1": {"mean", "std"}, "t2": ...}`` (:func:`changedet.data.stats.date_statistics`)."""
+        """Adopt ``{"t1": {"mean", "std"}, "t2": ...}``: the checkpoint's statistics, or a scene's own
+        (:func:`changedet.data.stats.date_statistics`) for per-scene models."""
         self.normalization = tuple(
             (np.asarray(stats[d]["mean"], np.float32), np.asarray(stats[d]["std"], np.float32)) for d in ("t1", "t2")
         )

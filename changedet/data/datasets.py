@@ -24,7 +24,7 @@ from torch.utils.data import Dataset, Sampler
 
 from changedet.data.augment import PairedAugment
 from changedet.data.scenes import IGNORE, ChangeScene
-from changedet.data.stats import PER_SCENE, scene_normalization_arrays
+from changedet.data.stats import is_per_scene, scene_normalization_arrays
 from changedet.errors import InputError
 
 
@@ -135,7 +135,7 @@ class PatchDataset(Dataset):
             missing = [s.name for s in scenes if not s.labelled]
             if missing:
                 raise InputError(f"scenes without a label: {', '.join(missing)}")
-        per_scene = normalization is not None and normalization.get("mode") == PER_SCENE
+        per_scene = normalization is not None and is_per_scene(normalization)
         for s in scenes[1:]:
             same = s.channels == scenes[0].channels if per_scene else s.bands == scenes[0].bands
             if not same:

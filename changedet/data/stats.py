@@ -75,6 +75,11 @@ def _blocks(height: int, width: int, block: int) -> list[Window]:
     ]
 
 
+def is_per_scene(normalization: dict[str, Any]) -> bool:
+    """True for :func:`per_scene_normalization` output (each scene its own statistics)."""
+    return normalization.get("mode") == PER_SCENE
+
+
 def date_statistics(
     read: Callable[[Window], tuple[np.ndarray, np.ndarray, np.ndarray]], height: int, width: int, block: int = 512
 ) -> dict[str, Any]:
@@ -110,7 +115,7 @@ def scene_normalization_arrays(
     normalization: dict[str, Any], scene: ChangeScene
 ) -> tuple[tuple[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]]:
     """:func:`normalization_arrays` of ``scene``: its own statistics in per-scene mode, else the shared ones."""
-    if normalization.get("mode") == PER_SCENE:
+    if is_per_scene(normalization):
         stats = normalization["scenes"].get(scene.name)
         if stats is None:
             raise InputError(f"no per-scene statistics for scene {scene.name}")
@@ -182,7 +187,7 @@ def compute_normalization(
 
 def normalization_arrays(normalization: dict[str, Any]) -> tuple[tuple[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]]:
     """``((mean1, std1), (mean2, std2))`` float32 arrays shaped ``(C, 1, 1)``."""
-    if normalization.get("mode") == PER_SCENE:
+    if is_per_scene(normalization):
         raise InputError("per-scene normalisation has no shared statistics: use scene_normalization_arrays")
     out = []
     for d in ("t1", "t2"):
@@ -194,6 +199,6 @@ def normalization_arrays(normalization: dict[str, Any]) -> tuple[tuple[np.ndarra
 
 def checkpoint_normalization(normalization: dict[str, Any]) -> dict[str, Any]:
     """Only the ``t1``/``t2`` mean/std part (what checkpoint metadata stores); ``"per-scene"`` in that mode."""
-    if normalization.get("mode") == PER_SCENE:
+    if is_per_scene(normalization):
         return PER_SCENE
     return {d: {"mean": list(normalization[d]["mean"]), "std": list(normalization[d]["std"])} for d in ("t1", "t2")}
