@@ -4,6 +4,7 @@
     python benchmarks/train_oscd.py --report-only        # table of an existing output folder
     python benchmarks/train_oscd.py --report-only --bundle   # also copy best.safetensors into changedet/weights
     python benchmarks/train_oscd.py --config configs/train/rgb_bundled.yaml --bundle-name rgb   # the RGB model
+    python benchmarks/train_oscd.py --report-only --fit-check   # also F1 on the TRAINING cities (underfitting check)
 
 Prints per-city and pooled validation metrics (full scenes, threshold tuned on validation, plus F1 at
 0.5), training minutes (sum of epoch times), model size, and the best epoch.
@@ -19,8 +20,9 @@ from safetensors.torch import load_file, save_file
 
 from changedet.checkpoint import METADATA_KEY, read_metadata
 from changedet.data import discover_scenes
+from changedet.evaluation.loading import load_model, open_labelled_scenes
 from changedet.metrics import Confusion
-from changedet.train import load_train_config, train_from_config
+from changedet.train import evaluate_scenes, load_train_config, train_from_config
 from changedet.weights import BUNDLED, bundled_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -49,6 +51,17 @@ def table(out_dir: Path) -> None:
     print(f"train scenes: {', '.join(meta['split']['train'])}; validation scenes: {', '.join(meta['split']['val'])}")
 
 
+def fit_check(out_dir: Path, root: Path) -> None:
+    """F1 on the training cities under ``root``: how well the model fits what it saw (never a validation figure)."""
+    loaded = load_model(str(out_dir / "best.safetensors"))
+    scenes = open_labelled_scenes(root, loaded.spec.metadata["split"]["train"], loaded.bands)
+    result = evaluate_scenes(loaded.model, scenes, loaded.normalization)
+    for label, threshold in (("validation threshold", loaded.threshold), ("threshold tuned on them", result.tune_threshold())):
+        m = result.metrics(threshold)
+        cities = ", ".join(f"{name} {s['f1']:.4f}" for name, s in sorted(m["per_scene"].items()))
+        print(f"training cities (fit, not validation) at {label} {threshold:.3f}: pooled F1 {m['pooled']['f1']:.4f} ({cities})")
+
+
 def bundle(out_dir: Path, config: Path, name: str) -> Path:
     """Copy the best checkpoint into the package as the bundled model ``name``."""
     meta = read_metadata(out_dir / "best.safetensors")
@@ -65,12 +78,15 @@ def main() -> None:
     parser.add_argument("--config", type=Path, default=Path("configs/train/oscd_bundled.yaml"))
     parser.add_argument("--report-only", action="store_true")
     parser.add_argument("--bundle", action="store_true")
+    parser.add_argument("--fit-check", action="store_true", help="also print F1 on the training cities")
     parser.add_argument("--bundle-name", choices=sorted(BUNDLED), default="oscd-s2", help="bundle under this name (implies --bundle)")
     args = parser.parse_args()
     out_dir = Path(load_train_config(args.config).output_dir)
     if not args.report_only:
         train_from_config(args.config)
     table(out_dir)
+    if args.fit_check:
+        fit_check(out_dir, load_train_config(args.config).data.source_list()[0].root)
     if args.bundle or args.bundle_name != "oscd-s2":
         print(f"bundled as {bundle(out_dir, args.config, args.bundle_name)}")
 
