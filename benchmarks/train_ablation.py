@@ -36,6 +36,7 @@ VARIANTS: dict[str, dict[str, Any]] = {
     },
     "fc-ef, dropout 0.2": {"model": {"name": "fc-ef", "config": {"base_channels": 16, "dropout": 0.2}}},
     "no-dropout": {"model": {"config": {"base_channels": 16, "dropout": 0.0}}},
+    "no-dropout, 32 base channels": {"model": {"config": {"base_channels": 32, "dropout": 0.0}}},
 }
 
 
