@@ -18,6 +18,9 @@ import time
 from pathlib import Path
 from typing import Any
 
+# benchmarks/ is on sys.path when a script in it runs
+from train_oscd import training_minutes
+
 from changedet.train import train_from_config
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -41,6 +44,7 @@ VARIANTS: dict[str, dict[str, Any]] = {
 
 
 def folder(name: str) -> Path:
+    """The output folder of variant ``name``."""
     return WORK / name.replace(" ", "_").replace(",", "").replace("/", "-")
 
 
@@ -61,7 +65,7 @@ def report() -> None:
         result = json.loads(path.read_text())
         history = [h for h in result["history"] if h.get("val")]
         cities = ", ".join(f"{k} {v['f1']:.4f}" for k, v in sorted(result["metrics"]["per_scene"].items()))
-        minutes = sum(h.get("train_seconds", 0) + h["val"].get("seconds", 0) for h in history) / 60
+        minutes = training_minutes(result["history"])
         print(
             f"{name:>30} {result['best_score']:>8.4f} {result['best_epoch']:>6} {history[-1]['val']['f1']:>8.4f} "
             f"{minutes:>5.1f}  {cities}"

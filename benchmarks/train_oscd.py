@@ -28,6 +28,11 @@ from changedet.weights import BUNDLED, bundled_checkpoint
 ROOT = Path(__file__).resolve().parents[1]
 
 
+def training_minutes(history: list[dict]) -> float:
+    """Minutes spent training and validating: the sum of the epochs' ``train_seconds`` and validation ``seconds``."""
+    return sum(h.get("train_seconds", 0) + (h.get("val") or {}).get("seconds", 0) for h in history) / 60
+
+
 def table(out_dir: Path) -> None:
     meta = read_metadata(out_dir / "best.safetensors")
     history = json.loads((out_dir / "result.json").read_text())["history"]
@@ -44,7 +49,7 @@ def table(out_dir: Path) -> None:
     print(f"{'scene':>{width}} {'precision':>9} {'recall':>7} {'F1':>7} {'IoU':>7} {'OA':>7} {'kappa':>7}")
     for name, m in rows:
         print(f"{name:>{width}} {m['precision']:>9.4f} {m['recall']:>7.4f} {m['f1']:>7.4f} {m['iou']:>7.4f} {m['oa']:>7.4f} {m['kappa']:>7.4f}")
-    minutes = sum(h.get("train_seconds", 0) + (h.get("val") or {}).get("seconds", 0) for h in history) / 60
+    minutes = training_minutes(history)
     size = (out_dir / "best.safetensors").stat().st_size / 2**20
     print(f"\nmodel {meta['model']} {meta['config']}, {size:.2f} MiB; threshold {meta['threshold']:.3f} (tuned on validation)")
     print(f"best epoch {meta['training']['best_epoch']} of {len(history)} run; training time {minutes:.1f} min on {meta['training']['device']}")
@@ -81,12 +86,13 @@ def main() -> None:
     parser.add_argument("--fit-check", action="store_true", help="also print F1 on the training cities")
     parser.add_argument("--bundle-name", choices=sorted(BUNDLED), default="oscd-s2", help="bundle under this name (implies --bundle)")
     args = parser.parse_args()
-    out_dir = Path(load_train_config(args.config).output_dir)
+    cfg = load_train_config(args.config)
+    out_dir = Path(cfg.output_dir)
     if not args.report_only:
         train_from_config(args.config)
     table(out_dir)
     if args.fit_check:
-        fit_check(out_dir, load_train_config(args.config).data.source_list()[0].root)
+        fit_check(out_dir, cfg.data.source_list()[0].root)
     if args.bundle or args.bundle_name != "oscd-s2":
         print(f"bundled as {bundle(out_dir, args.config, args.bundle_name)}")
 

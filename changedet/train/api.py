@@ -18,7 +18,7 @@ from changedet.data.augment import PairedAugment
 from changedet.data.datasets import PatchDataset
 from changedet.data.scenes import ChangeScene, discover_scenes, open_scenes
 from changedet.data.splits import describe_split, split_by_groups
-from changedet.data.stats import compute_normalization, per_scene_normalization
+from changedet.data.stats import PER_SCENE, compute_normalization, per_scene_normalization
 from changedet.errors import InputError
 from changedet.losses import build_loss
 from changedet.models import ChangeModel, create_model
@@ -79,7 +79,7 @@ def prepare_data(cfg: TrainConfig, with_unlabelled: bool | None = None) -> Prepa
         val += scenes[len(train_recs) : len(train_recs) + len(val_recs)]
         unlabelled += scenes[len(train_recs) + len(val_recs) :]
     split = describe_split(train, val).to_dict()
-    if d.normalization == "per-scene":
+    if d.normalization == PER_SCENE:
         normalization = per_scene_normalization(train + val + unlabelled)
     else:
         normalization = compute_normalization(train, d.shared_stats, max_pixels_per_scene=d.stats_max_pixels, seed=cfg.seed)
