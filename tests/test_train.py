@@ -213,6 +213,22 @@ def test_resume_continues_after_the_last_epoch(bercy: ChangeScene, stats: dict, 
         other.fit()
 
 
+def test_weight_average_is_scored_shipped_and_resumed(bercy: ChangeScene, stats: dict, tmp_path: Path) -> None:
+    make_trainer(bercy, stats, tmp_path, epochs=1, val=False, length=24, ema_decay=0.9).fit()
+    result = make_trainer(bercy, stats, tmp_path, epochs=2, val=False, length=24, ema_decay=0.9).fit()
+    assert result.resumed_from == 1
+    straight = make_trainer(bercy, stats, tmp_path / "straight", epochs=2, val=False, length=24, ema_decay=0.9).fit()
+    ema, best, raw = (load_state_dict(tmp_path / name) for name in ("last.ema.safetensors", "best.safetensors", "last.safetensors"))
+    assert all(torch.equal(ema[k], best[k]) for k in ema)  # best (no validation: the last epoch) is the average
+    assert any(not torch.allclose(ema[k].float(), raw[k].float()) for k in ema if ema[k].is_floating_point())
+    resumed_ema = load_state_dict(straight.out_dir / "last.ema.safetensors")
+    assert all(torch.allclose(ema[k].float(), resumed_ema[k].float(), atol=1e-5) for k in ema)  # resume keeps averaging
+    assert read_metadata(result.best_checkpoint)["training"]["ema_decay"] == 0.9
+    (tmp_path / "last.ema.safetensors").unlink()
+    with pytest.raises(ModelError, match="no last.ema.safetensors"):
+        make_trainer(bercy, stats, tmp_path, epochs=3, val=False, length=24, ema_decay=0.9).fit()
+
+
 class ScriptedTrainer(Trainer):
     """Validation F1 follows a script; no real training (tests the early-stopping bookkeeping)."""
 

@@ -159,7 +159,7 @@ def train_from_config(config: str | Path | TrainConfig, overrides: dict[str, Any
     )  # fmt: skip
     settings = TrainSettings(
         epochs=cfg.epochs, batch_size=cfg.batch_size, lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay,
-        scheduler=cfg.optim.scheduler, warmup_epochs=cfg.optim.warmup_epochs, grad_clip=cfg.optim.grad_clip,
+        scheduler=cfg.optim.scheduler, warmup_epochs=cfg.optim.warmup_epochs, grad_clip=cfg.optim.grad_clip, ema_decay=cfg.optim.ema_decay,
         device=cfg.device, amp=cfg.amp, seed=cfg.seed, patience=cfg.validation.patience,
         val_every=cfg.validation.every, val_tile=cfg.validation.tile, val_overlap=cfg.validation.overlap,
         val_batch_size=cfg.validation.batch_size, tune_threshold=cfg.validation.tune_threshold,

@@ -153,13 +153,16 @@ class LossSection(BaseModel):
 
 
 class OptimSection(_Strict):
-    """AdamW with an optional warm-up and cosine decay."""
+    """AdamW with an optional warm-up and cosine decay, and an optional EMA of the weights."""
 
     lr: float = Field(default=1e-3, gt=0)
     weight_decay: float = Field(default=1e-4, ge=0)
     scheduler: Literal["cosine", "constant"] = "cosine"
     warmup_epochs: int = Field(default=0, ge=0)
     grad_clip: float | None = Field(default=None, gt=0)
+    ema_decay: float | None = Field(
+        default=None, gt=0, lt=1, description="validate and ship an exponential moving average of the weights (per step)"
+    )
 
 
 class ValidationSection(_Strict):

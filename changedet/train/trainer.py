@@ -7,6 +7,9 @@ Files written in ``out_dir``:
   model name and builder config, bands, normalisation, threshold, metrics (pooled and per
   scene), data split, training settings. ``changedet detect --model best.safetensors`` uses it.
 * ``last.safetensors`` — the latest epoch (same metadata layout);
+* ``last.ema.safetensors`` — with ``ema_decay``: the exponential moving average of the weights
+  (updated every step, buffers included). Validation then scores the average, and
+  ``best.safetensors`` holds the average of the best epoch;
 * ``last.optim.pt`` — optimizer / LR scheduler / AMP scaler state (plain tensors and numbers,
   read back with ``torch.load(weights_only=True)``);
 * ``trainer_state.json`` — epoch, best score, early-stopping counter and the history.
@@ -47,6 +50,7 @@ log = logging.getLogger(__name__)
 BEST = "best.safetensors"
 LAST = "last.safetensors"
 OPTIM = "last.optim.pt"
+EMA = "last.ema.safetensors"
 STATE = "trainer_state.json"
 
 
@@ -77,6 +81,7 @@ class TrainSettings:
     scheduler: str = "cosine"
     warmup_epochs: int = 0
     grad_clip: float | None = None
+    ema_decay: float | None = None
     device: str = "auto"
     amp: bool = True
     seed: int = 0
@@ -233,6 +238,11 @@ class Trainer:
 
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, schedule)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp)
+        self.ema: torch.optim.swa_utils.AveragedModel | None = None
+        if s.ema_decay:
+            self.ema = torch.optim.swa_utils.AveragedModel(
+                model, multi_avg_fn=torch.optim.swa_utils.get_ema_multi_avg_fn(s.ema_decay), use_buffers=True
+            )
         self.epoch = 0  # completed epochs
         self.best_score: float | None = None
         self.best_epoch = 0
@@ -242,6 +252,11 @@ class Trainer:
         self.stopped_early = False
         self.history: list[dict[str, Any]] = []
         self.resumed_from: int | None = None
+
+    @property
+    def scored_model(self) -> torch.nn.Module:
+        """The model validation scores and ``best.safetensors`` stores: the EMA of the weights if kept."""
+        return self.model if self.ema is None else self.ema.module
 
     # -- metadata / checkpoints -----------------------------------------------------------------
     def training_info(self) -> dict[str, Any]:
@@ -257,6 +272,7 @@ class Trainer:
             "loss": loss_name,
             "lr": s.lr,
             "weight_decay": s.weight_decay,
+            "ema_decay": s.ema_decay,
             "batch_size": s.batch_size,
             "patch_size": self.train_data.patch_size,
             "samples_per_epoch": len(self.train_data),
@@ -293,6 +309,8 @@ class Trainer:
 
     def _save_last(self, metrics: dict[str, Any] | None, threshold: float) -> None:
         save_checkpoint(self.out_dir / LAST, self.model, self.metadata(metrics, threshold))
+        if self.ema is not None:
+            save_checkpoint(self.out_dir / EMA, self.ema.module, self.metadata(metrics, threshold))
         optim = {
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
@@ -309,6 +327,8 @@ class Trainer:
         state_path, last, optim = self.out_dir / STATE, self.out_dir / LAST, self.out_dir / OPTIM
         if not (state_path.is_file() and last.is_file() and optim.is_file()):
             return False
+        if self.ema is not None and not (self.out_dir / EMA).is_file():
+            raise ModelError(f"{self.out_dir} has no {EMA} to resume the weight average from: use resume: false")
         state = json.loads(state_path.read_text())
         meta = read_metadata(last)
         if meta.get("model") != self.model_name or meta.get("config") != _json_safe(self.model_config):
@@ -318,6 +338,9 @@ class Trainer:
             )
         try:
             self.model.load_state_dict(load_state_dict(last))
+            if self.ema is not None:
+                self.ema.module.load_state_dict(load_state_dict(self.out_dir / EMA))
+                self.ema.n_averaged.fill_(1)  # > 0: the next update averages instead of copying
         except RuntimeError as exc:
             raise ModelError(f"cannot resume from {last}: {str(exc).splitlines()[0]}") from None
         saved = torch.load(optim, map_location="cpu", weights_only=True)
@@ -382,6 +405,8 @@ class Trainer:
             self.scaler.step(self.optimizer)
             self.scaler.update()
             self.scheduler.step()
+            if self.ema is not None:
+                self.ema.update_parameters(self.model)
             value = float(loss.detach())
             total += value
             count += 1
@@ -405,7 +430,7 @@ class Trainer:
         bar = tqdm(total=len(self.val_scenes), desc="validation", leave=False, disable=not s.progress)
         try:
             result = evaluate_scenes(
-                self.model, self.val_scenes, self.normalization, s.val_tile, s.val_overlap, s.val_batch_size,
+                self.scored_model, self.val_scenes, self.normalization, s.val_tile, s.val_overlap, s.val_batch_size,
                 self.device, self.amp, progress=lambda _name: bar.update(1),
             )  # fmt: skip
         finally:
@@ -444,7 +469,7 @@ class Trainer:
                     self.best_score, self.best_epoch, self.best_metrics = score, self.epoch, metrics
                     self.threshold = threshold
                     self.bad_epochs = 0
-                    save_checkpoint(self.out_dir / BEST, self.model, self.metadata(metrics, threshold))
+                    save_checkpoint(self.out_dir / BEST, self.scored_model, self.metadata(metrics, threshold))
                     entry["best"] = True
                 else:
                     self.bad_epochs += 1
@@ -452,7 +477,7 @@ class Trainer:
                         self.stopped_early = True
             elif not self.val_scenes:
                 self.best_epoch = self.epoch
-                save_checkpoint(self.out_dir / BEST, self.model, self.metadata(None, self.threshold))
+                save_checkpoint(self.out_dir / BEST, self.scored_model, self.metadata(None, self.threshold))
             self.history.append(_json_safe(entry))
             self._save_last(metrics, threshold)
             self._say(self._summary(entry))
