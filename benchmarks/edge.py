@@ -36,7 +36,7 @@ def main() -> None:
                 out = Path(tmp) / runtime / city
                 result = detect_changes(root / "imgs_1", root / "imgs_2", out, DetectParams(model="oscd-s2", runtime=runtime))
                 m = evaluate_mask(result.path(MASK), args.oscd / "labels" / city / "cm" / f"{city}-cm.tif")
-                pooled += Confusion(m["tp"], m["fp"], m["fn"], m["tn"])
+                pooled += Confusion.from_metrics(m)
                 model_s += result.summary["timings"]["model_s"]
             rows.append((runtime, pooled.metrics()["f1"], model_s))
     base_f1, base_s = rows[0][1], rows[0][2]

@@ -42,7 +42,7 @@ def table(out_dir: Path) -> None:
     for source in sources if len(sources) > 1 else []:  # pooled per source of a multi-source model
         names = {r.name for r in discover_scenes(source["root"], source["layout"])} & set(metrics["per_scene"])
         parts = [metrics["per_scene"][n] for n in names]
-        pooled = sum((Confusion(m["tp"], m["fp"], m["fn"], m["tn"]) for m in parts), Confusion())
+        pooled = sum((Confusion.from_metrics(m) for m in parts), Confusion())
         rows.append((f"{source['layout']} pooled", pooled.metrics()))
     rows += [("pooled", metrics["pooled"]), ("pooled@0.5", metrics["pooled_at_0.5"])]
     width = max(10, *(len(name) for name, _ in rows))

@@ -59,11 +59,6 @@ def make_folds(cities: list[str], folds: int) -> list[list[str]]:
     return out
 
 
-def confusion(metrics: dict) -> Confusion:
-    """The pixel counts of a metrics dict."""
-    return Confusion(metrics["tp"], metrics["fp"], metrics["fn"], metrics["tn"])
-
-
 def run(config: Path, fold: list[str], index: int, epochs: int) -> None:
     overrides = {**FOLD_OVERRIDES, "data": {"val": fold}, "epochs": epochs, "output_dir": str(WORK / f"fold{index}"), "progress": False}
     start = time.perf_counter()
@@ -83,10 +78,10 @@ def report(folds: list[list[str]]) -> None:
         best, last = read_metadata(out / "best.safetensors"), read_metadata(out / "last.safetensors")
         history = json.loads((out / "result.json").read_text())["history"]
         cities.update(best["metrics"]["per_scene"])
-        pooled["best"] += confusion(best["metrics"]["pooled"])
-        pooled["best@0.5"] += confusion(best["metrics"]["pooled_at_0.5"])
-        pooled["last"] += confusion(last["metrics"]["pooled"])
-        pooled["last@0.5"] += confusion(last["metrics"]["pooled_at_0.5"])
+        pooled["best"] += Confusion.from_metrics(best["metrics"]["pooled"])
+        pooled["best@0.5"] += Confusion.from_metrics(best["metrics"]["pooled_at_0.5"])
+        pooled["last"] += Confusion.from_metrics(last["metrics"]["pooled"])
+        pooled["last@0.5"] += Confusion.from_metrics(last["metrics"]["pooled_at_0.5"])
         print(
             f"{index:>4} {', '.join(fold):<24} {best['training']['best_epoch']:>5} {best['threshold']:>6.3f} "
             f"{best['metrics']['pooled']['f1']:>7.4f} {best['metrics']['pooled_at_0.5']['f1']:>7.4f} "

@@ -27,6 +27,11 @@ class Confusion:
         self.tn += int(np.count_nonzero(~pred & ~target))
         return self
 
+    @classmethod
+    def from_metrics(cls, metrics: dict) -> Confusion:
+        """The counts back from a :meth:`metrics` dict (e.g. one stored in checkpoint metadata)."""
+        return cls(int(metrics["tp"]), int(metrics["fp"]), int(metrics["fn"]), int(metrics["tn"]))
+
     def __add__(self, other: Confusion) -> Confusion:
         return Confusion(self.tp + other.tp, self.fp + other.fp, self.fn + other.fn, self.tn + other.tn)
 

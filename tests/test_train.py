@@ -117,6 +117,7 @@ def test_histogram_confusion_matches_direct_count() -> None:
     for threshold in (0.0, 0.25, 0.5, 0.731, 1.0):
         direct = Confusion().update(prob >= threshold, target, valid)
         assert hist.confusion(threshold) == direct, threshold
+        assert Confusion.from_metrics(json.loads(json.dumps(direct.metrics()))) == direct  # counts survive metadata
     best = hist.best_threshold()
     f1 = hist.confusion(best).metrics()["f1"]
     assert all(f1 >= hist.confusion(t).metrics()["f1"] - 1e-12 for t in np.linspace(0.001, 0.999, 97))
@@ -221,8 +222,8 @@ def test_weight_average_is_scored_shipped_and_resumed(bercy: ChangeScene, stats:
     ema, best, raw = (load_state_dict(tmp_path / name) for name in ("last.ema.safetensors", "best.safetensors", "last.safetensors"))
     assert all(torch.equal(ema[k], best[k]) for k in ema)  # best (no validation: the last epoch) is the average
     assert any(not torch.allclose(ema[k].float(), raw[k].float()) for k in ema if ema[k].is_floating_point())
-    resumed_ema = load_state_dict(straight.out_dir / "last.ema.safetensors")
-    assert all(torch.allclose(ema[k].float(), resumed_ema[k].float(), atol=1e-5) for k in ema)  # resume keeps averaging
+    straight_ema = load_state_dict(straight.out_dir / "last.ema.safetensors")
+    assert all(torch.allclose(ema[k].float(), straight_ema[k].float(), atol=1e-5) for k in ema)  # resume keeps averaging
     assert read_metadata(result.best_checkpoint)["training"]["ema_decay"] == 0.9
     (tmp_path / "last.ema.safetensors").unlink()
     with pytest.raises(ModelError, match="no last.ema.safetensors"):
