@@ -19,6 +19,7 @@ from rasterio.crs import CRS
 from rasterio.enums import Resampling
 from rasterio.errors import NotGeoreferencedWarning
 from rasterio.vrt import WarpedVRT
+from rasterio.warp import transform_bounds
 from rasterio.windows import Window
 
 from changedet.errors import GridError, InputError
@@ -87,6 +88,51 @@ def _check_crs(t1: Scene, t2: Scene) -> bool:
     )
 
 
+def _crs_label(crs: CRS) -> str:
+    epsg = crs.to_epsg()
+    return f"EPSG:{epsg}" if epsg else "the target CRS"
+
+
+def _unit_name(crs: CRS) -> str:
+    """Plural unit name of a CRS: ``degrees``, ``metres``, ``US survey feet``..."""
+    if crs.is_geographic:
+        return "degrees"
+    unit = crs.linear_units or "unknown"
+    if unit.lower() == "unknown":
+        return "units of the CRS"
+    return unit[: -len("foot")] + "feet" if unit.endswith("foot") else unit + "s"
+
+
+def _size(value: float) -> str:
+    return f"{value:.0f}" if value >= 100 else f"{value:.3g}"
+
+
+def _utm_epsg(crs: CRS, bounds: tuple[float, float, float, float]) -> str:
+    """The WGS 84 / UTM zone at the centre of ``bounds`` (in ``crs``), e.g. ``EPSG:32631``."""
+    west, south, east, north = transform_bounds(crs, CRS.from_epsg(4326), *bounds)
+    lon, lat = (west + east) / 2, (south + north) / 2
+    zone = int((lon + 180) // 6) % 60 + 1
+    return f"EPSG:{(32600 if lat >= 0 else 32700) + zone}"
+
+
+def _check_resolution(reference: Grid, crs: CRS, resolution: float) -> None:
+    """GridError naming the unit when ``resolution`` is coarser than t1's footprint in ``crs``
+    (less than one target pixel along its width or height)."""
+    bounds = reference.bounds_in(crs)
+    width, height = bounds[2] - bounds[0], bounds[3] - bounds[1]
+    if resolution <= min(width, height):
+        return
+    unit = _unit_name(crs)
+    if crs.is_geographic:
+        hint = f"give a resolution in degrees, or --crs with a projected CRS (e.g. {_utm_epsg(crs, bounds)}) for metres"
+    else:
+        hint = f"give a finer resolution in {unit}"
+    raise GridError(
+        f"--resolution {resolution:g} is in {unit} (the unit of {_crs_label(crs)}) and is coarser than the whole "
+        f"scene ({_size(width)} x {_size(height)} {unit}); {hint}"
+    )
+
+
 def align_pair(
     t1: Scene,
     t2: Scene,
@@ -98,13 +144,17 @@ def align_pair(
     """Choose the common grid of two dates.
 
     The target grid is t1's finest band grid (optionally reprojected to ``crs`` and/or
-    ``resolution``), clipped to the intersection of all band footprints of both dates.
-    Scenes without CRS on both sides are treated as pixel grids aligned at the upper-left corner
-    (with a warning).
+    ``resolution``, in the units of the target CRS), clipped to the intersection of the bounding
+    boxes of all band footprints of both dates; pixels of that box outside a band's footprint are
+    invalid. The target grid is always north-up: when t1's geotransform is south-up, east-to-west
+    (flipped exactly: same pixels) or rotated/sheared (t1's CRS and pixel size, covering t1's
+    footprint) a warning says so. Scenes without CRS on both sides are treated as pixel grids
+    aligned at the upper-left corner (with a warning); their geotransforms are ignored.
 
     Raises:
         InputError: band sets differ between dates (unless ``allow_different_bands``).
-        GridError: CRS missing on one side only, no overlap, bad ``crs``/``resolution``.
+        GridError: CRS missing on one side only, no overlap, bad ``crs``/``resolution`` (including a
+            resolution coarser than the whole scene in the target CRS's unit).
     """
     if resampling not in RESAMPLING_CHOICES:
         raise InputError(f"unknown resampling {resampling!r}; choose one of {', '.join(RESAMPLING_CHOICES)}")
@@ -129,6 +179,14 @@ def align_pair(
         target_crs = CRS.from_user_input(crs) if crs is not None else None
     except Exception:  # rasterio raises CRSError subclasses of several bases
         raise GridError(f"invalid CRS {crs!r} (expected e.g. EPSG:32631)") from None
+    if not reference.is_north_up:
+        warnings.warn(
+            f"t1's geotransform is {reference.orientation} ({t1.finest_band().path}): the outputs are on a "
+            "north-up grid covering its footprint",
+            stacklevel=2,
+        )
+    if resolution is not None:
+        _check_resolution(reference, target_crs or reference.crs, resolution)
     grid = reference.reprojected(target_crs, resolution)
     for band in t1.bands + t2.bands:
         grid = grid.clip_to_bounds(band.grid.bounds_in(grid.crs))
@@ -145,17 +203,19 @@ class _FileReader:
         own = bands[0].grid
         self.offset: Window | None = None
         self.vrt: WarpedVRT | None = None
-        try:
-            window = own.window_of(grid)
-            inside = window.col_off >= 0 and window.row_off >= 0
-            inside = inside and window.col_off + window.width <= own.width
-            inside = inside and window.row_off + window.height <= own.height
-            if inside or grid.crs is None:
-                self.offset = window
-        except GridError:
-            pass
+        if grid.crs is None:  # pixel grids aligned at the upper-left corner, whatever their geotransform
+            self.offset = Window(0, 0, grid.width, grid.height)
+        else:
+            try:
+                window = own.window_of(grid)
+                inside = window.col_off >= 0 and window.row_off >= 0
+                inside = inside and window.col_off + window.width <= own.width
+                inside = inside and window.row_off + window.height <= own.height
+                self.offset = window if inside else None
+            except GridError:
+                pass
         if self.offset is None:
-            finer = own.res[0] * own.res[1] < grid.res[0] * grid.res[1]
+            finer = own.pixel_area < grid.pixel_area
             method = Resampling.average if finer else Resampling[resampling]
             self.vrt = WarpedVRT(
                 self.dataset,

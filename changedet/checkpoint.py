@@ -7,6 +7,7 @@ can at worst fail to parse. Legacy ``.pt``/``.pth`` state dicts are read with ``
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Any
 
@@ -29,8 +30,61 @@ def save_checkpoint(path: str | Path, model: torch.nn.Module, metadata: dict[str
     tmp.replace(path)
 
 
+def _check_names(value: Any, what: str) -> None:
+    if not (isinstance(value, list) and value and all(isinstance(v, str) and v for v in value)):
+        raise ValueError(f"{what} must be a non-empty list of band names")
+
+
+def _check_statistics(value: Any) -> None:
+    if value == "per-scene":
+        return
+    if not isinstance(value, dict) or set(value) < {"t1", "t2"}:
+        raise ValueError("'normalization' must be 'per-scene' or {t1: {mean, std}, t2: {mean, std}}")
+    for date in ("t1", "t2"):
+        stats = value[date]
+        mean, std = (stats.get(k) if isinstance(stats, dict) else None for k in ("mean", "std"))
+        numbers = [v for v in (mean or []) + (std or []) if isinstance(v, (int, float)) and not isinstance(v, bool)]
+        if not (isinstance(mean, list) and isinstance(std, list) and mean and len(mean) == len(std)
+                and len(numbers) == 2 * len(mean) and all(math.isfinite(v) for v in numbers) and min(std) > 0):
+            raise ValueError(f"'normalization.{date}' needs finite 'mean' and positive 'std' lists of one length")
+
+
+def validate_metadata(metadata: Any) -> dict[str, Any]:
+    """Check the fields a checkpoint's metadata must carry; ``ValueError`` with the first problem.
+
+    ``model`` (registry name) is required; ``config`` an object; ``threshold`` a number in [0, 1];
+    ``bands`` a list of names or ``{t1: [...], t2: [...]}``; ``normalization`` ``"per-scene"`` or
+    per-date mean/std; ``input_channels`` two positive integers; ``channel_names`` a list of names.
+    """
+    if not isinstance(metadata, dict):
+        raise ValueError(f"metadata must be a JSON object, got {type(metadata).__name__}")
+    if not isinstance(metadata.get("model"), str) or not metadata["model"]:
+        raise ValueError("metadata has no 'model' (registry name of the architecture)")
+    if not isinstance(metadata.get("config", {}), dict):
+        raise ValueError("'config' must be an object of builder arguments")
+    threshold = metadata.get("threshold")
+    if threshold is not None and (isinstance(threshold, bool) or not isinstance(threshold, (int, float))
+                                  or not 0.0 <= threshold <= 1.0):
+        raise ValueError(f"'threshold' must be a number in [0, 1], got {threshold!r}")
+    bands = metadata.get("bands")
+    if isinstance(bands, dict):
+        for date in ("t1", "t2"):
+            _check_names(bands.get(date), f"'bands.{date}'")
+    elif bands is not None:
+        _check_names(bands, "'bands'")
+    if metadata.get("normalization") is not None:
+        _check_statistics(metadata["normalization"])
+    channels = metadata.get("input_channels")
+    if channels is not None and not (isinstance(channels, list) and len(channels) == 2
+                                     and all(isinstance(c, int) and not isinstance(c, bool) and c > 0 for c in channels)):
+        raise ValueError(f"'input_channels' must be two positive integers, got {channels!r}")
+    if metadata.get("channel_names") is not None:
+        _check_names(metadata["channel_names"], "'channel_names'")
+    return metadata
+
+
 def read_metadata(path: str | Path) -> dict[str, Any]:
-    """The JSON metadata of a checkpoint, without loading tensors."""
+    """The validated JSON metadata of a checkpoint, without loading tensors (:class:`ModelError` otherwise)."""
     path = Path(path)
     if not path.is_file():
         raise ModelError(f"checkpoint {path} does not exist")
@@ -38,16 +92,23 @@ def read_metadata(path: str | Path) -> dict[str, Any]:
         sidecar = path.with_suffix(".json")
         if not sidecar.is_file():
             raise ModelError(f"checkpoint {path} needs its metadata file {sidecar.name}")
-        return json.loads(sidecar.read_text())
+        try:
+            return validate_metadata(json.loads(sidecar.read_text()))
+        except (ValueError, UnicodeDecodeError) as exc:
+            raise ModelError(f"invalid checkpoint metadata {sidecar}: {str(exc).splitlines()[0]}") from None
     try:
         with open(path, "rb") as fh:
             header_len = int.from_bytes(fh.read(8), "little")
             if not 0 < header_len < 100_000_000:
                 raise ValueError("bad header length")
             header = json.loads(fh.read(header_len))
-        return json.loads(header["__metadata__"][METADATA_KEY])
+        metadata = json.loads(header["__metadata__"][METADATA_KEY])
     except (ValueError, KeyError, TypeError, UnicodeDecodeError):
         raise ModelError(f"{path} is not a changedet safetensors checkpoint") from None
+    try:
+        return validate_metadata(metadata)
+    except ValueError as exc:
+        raise ModelError(f"invalid checkpoint metadata in {path}: {exc}") from None
 
 
 def load_state_dict(path: str | Path) -> dict[str, torch.Tensor]:

@@ -9,9 +9,7 @@ import sys
 import warnings
 from typing import TYPE_CHECKING, Sequence
 
-from rasterio.errors import RasterioError
-
-from changedet.errors import ChangeDetError
+from changedet.failures import ErrorLineParser, command_main
 
 if TYPE_CHECKING:
     from changedet.evaluation.runs import EvaluationConfig
@@ -130,6 +128,8 @@ def _run_evaluate(args: argparse.Namespace) -> int:
         for key in ("precision", "recall", "f1", "iou", "oa", "kappa"):
             print(f"{key:>9}  {metrics[key]:.4f}")
         print(f"{'pixels':>9}  tp={metrics['tp']} fp={metrics['fp']} fn={metrics['fn']} tn={metrics['tn']}")
+        print(f"{'scored':>9}  {metrics['scored_pixels']} px; not scored: {metrics['unscored_pixels']} outside the label "
+              f"or on its nodata, {metrics['ignored_pixels']} on ignored label values")
     return 0
 
 
@@ -185,7 +185,9 @@ def _add_domain_shift(sub: argparse._SubParsersAction) -> None:
 def _run_stage(config: EvaluationConfig, args: argparse.Namespace) -> int:
     from changedet.evaluation.report import check_out_dir, markdown, write_report
     from changedet.evaluation.runs import run_evaluation
+    from changedet.io.outdir import check_out_dir as check_not_an_input
 
+    check_not_an_input(args.out, [args.data])
     check_out_dir(config.stage, args.out, args.overwrite)
     report = run_evaluation(config, None if args.quiet else lambda job: print(f"{job.checkpoint} {job.scene} {job.setting}", file=sys.stderr))
     paths = write_report(report, args.out, args.overwrite)
@@ -221,8 +223,9 @@ def _run_domain_shift(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     """The ``changedet`` argument parser."""
-    parser = argparse.ArgumentParser(prog="changedet", description="Change detection for two co-located rasters.")
-    sub = parser.add_subparsers(dest="command", required=True)
+    parser = ErrorLineParser(prog="changedet", description="Change detection for two co-located rasters. "
+                             "--debug (anywhere on the command line) prints the traceback of a failure.")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=ErrorLineParser)
     _add_detect(sub)
     _add_evaluate(sub)
     _add_train(sub)
@@ -232,34 +235,19 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _os_reason(exc: OSError) -> str:
-    """``<strerror>: <file>`` for system errors such as a full disk or a read-only folder."""
-    reason = exc.strerror or str(exc) or type(exc).__name__
-    return f"{reason}: {exc.filename}" if exc.filename else reason
-
-
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point; returns the exit status with one ``error: <reason>`` line on stderr:
-    2 for bad input, 1 for system errors (disk full, permissions), 130 when interrupted."""
-    args = build_parser().parse_args(argv)
+    """Entry point; returns the exit status with one ``error: <reason>`` line on stderr
+    (statuses in :mod:`changedet.failures`: 1 system, 2 bad input, 3 internal, 75 busy, 130 interrupted)."""
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s")
     warnings.formatwarning = lambda msg, cat, *a, **k: f"warning: {msg}\n"
     runners = {"detect": _run_detect, "evaluate": _run_evaluate, "train": _run_train, "models": _run_models,
                "robustness": _run_robustness, "domain-shift": _run_domain_shift}
-    try:
-        return runners[args.command](args)
-    except ChangeDetError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    except RasterioError as exc:
-        print(f"error: {str(exc).splitlines()[0]}", file=sys.stderr)
-        return 2
-    except OSError as exc:
-        print(f"error: {_os_reason(exc)}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print("error: interrupted (run the same command again to resume from the tiles already predicted)", file=sys.stderr)
-        return 130
+
+    def work(args: list[str]) -> int:
+        parsed = build_parser().parse_args(args)
+        return runners[parsed.command](parsed)
+
+    return command_main(argv, work)
 
 
 if __name__ == "__main__":

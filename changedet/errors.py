@@ -19,3 +19,7 @@ class ModelError(ChangeDetError):
 
 class OutputError(ChangeDetError):
     """Outputs cannot be written (directory exists without --overwrite, not writable...)."""
+
+
+class BusyError(ChangeDetError):
+    """Another live run holds the output folder (exit status 75: retry later)."""

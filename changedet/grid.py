@@ -13,10 +13,23 @@ from rasterio.windows import Window
 
 from changedet.errors import GridError
 
+_LATTICE_TOL = 1e-9  # relative to the pixel size
+_HALF_TOL = 1e-6  # pixels: a pixel half inside a box (within this) counts as not more than half inside
+
+
+def _clean(value: float) -> float:
+    """``value`` rounded to 12 significant digits (``hypot`` noise: 10.000000000000002 -> 10.0)."""
+    return float(f"{value:.12g}")
+
 
 @dataclass(frozen=True)
 class Grid:
-    """A north-up pixel grid: ``crs`` (None for a plain pixel grid), ``transform``, ``height`` × ``width``."""
+    """A pixel grid of any affine ``transform`` (north-up, south-up, east-to-west, rotated or sheared):
+    ``crs`` (None for a plain pixel grid), ``transform``, ``height`` × ``width``.
+
+    :meth:`north_up` gives the north-up grid the pipeline works on; :meth:`clip_to_bounds` needs an
+    axis-aligned grid (no rotation or shear).
+    """
 
     crs: CRS | None
     transform: Affine
@@ -25,7 +38,8 @@ class Grid:
 
     @classmethod
     def from_dataset(cls, dataset: Any) -> "Grid":
-        """The grid of an open rasterio dataset (pixel grid with identity transform when no CRS)."""
+        """The grid of an open rasterio dataset (``crs`` None when it has none; the transform GDAL
+        reports, identity when there is no geotransform)."""
         crs = dataset.crs if dataset.crs else None
         return cls(crs, dataset.transform, dataset.width, dataset.height)
 
@@ -36,15 +50,60 @@ class Grid:
 
     @property
     def res(self) -> tuple[float, float]:
-        """Pixel size ``(x, y)``, both positive."""
-        return abs(self.transform.a), abs(self.transform.e)
+        """Pixel size ``(x, y)``, both positive: the lengths of the column and row vectors of the
+        transform (``|a|, |e|`` for an axis-aligned grid, the pixel sides for a rotated one)."""
+        t = self.transform
+        return math.hypot(t.a, t.d), math.hypot(t.b, t.e)
+
+    @property
+    def pixel_area(self) -> float:
+        """Area of one pixel in CRS units squared (``|det|`` of the transform; any affine)."""
+        return abs(self.transform.determinant)
 
     @property
     def bounds(self) -> tuple[float, float, float, float]:
-        """``(left, bottom, right, top)`` in CRS units."""
-        left, top = self.transform @ (0, 0)
-        right, bottom = self.transform @ (self.width, self.height)
-        return min(left, right), min(top, bottom), max(left, right), max(top, bottom)
+        """``(left, bottom, right, top)`` in CRS units: the box around all four corners."""
+        xs, ys = zip(*(self.transform @ (c, r) for c in (0, self.width) for r in (0, self.height)))
+        return min(xs), min(ys), max(xs), max(ys)
+
+    @property
+    def is_axis_aligned(self) -> bool:
+        """No rotation or shear (north-up, south-up or east-to-west)."""
+        return self.transform.b == 0 and self.transform.d == 0
+
+    @property
+    def is_north_up(self) -> bool:
+        """Axis-aligned with columns going east and rows going south (``a > 0``, ``e < 0``)."""
+        return self.is_axis_aligned and self.transform.a > 0 and self.transform.e < 0
+
+    @property
+    def orientation(self) -> str:
+        """``north-up``, ``south-up``, ``east-to-west``, ``east-to-west south-up`` or ``rotated/sheared``."""
+        if not self.is_axis_aligned:
+            return "rotated/sheared"
+        west, south = self.transform.a < 0, self.transform.e > 0
+        return " ".join(["east-to-west"] * west + ["south-up"] * south) or "north-up"
+
+    def north_up(self) -> "Grid":
+        """The north-up grid of this one (``self`` when already north-up).
+
+        An axis-aligned grid is flipped exactly (same pixels, same footprint). A rotated/sheared one
+        becomes the north-up grid at its pixel size (:attr:`res`) covering its footprint's bounding
+        box (``calculate_default_transform``); pixels of that box outside the footprint hold no data.
+        """
+        if self.is_north_up:
+            return self
+        if self.is_axis_aligned:
+            left, bottom, right, top = self.bounds
+            rx, ry = self.res
+            return Grid(self.crs, Affine(rx, 0.0, left, 0.0, -ry, top), self.width, self.height)
+        if self.crs is None:
+            raise GridError("cannot turn a rotated/sheared grid without CRS into a north-up grid")
+        res = tuple(_clean(r) for r in self.res)
+        transform, width, height = calculate_default_transform(
+            self.crs, self.crs, self.width, self.height, *self.bounds, resolution=res
+        )
+        return Grid(self.crs, transform, int(width), int(height))
 
     @property
     def is_georeferenced(self) -> bool:
@@ -57,22 +116,19 @@ class Grid:
         return Grid(self.crs, transform, int(window.width), int(window.height))
 
     def window_of(self, other: "Grid") -> Window:
-        """Window of ``other`` inside this grid; both must share CRS and pixel size with integer offset."""
+        """Window of ``other`` inside this grid: same lattice (:meth:`same_lattice`) and an integer
+        pixel offset, else :class:`GridError`. Valid for any affine, flipped or rotated."""
         col, row = ~self.transform @ (other.transform.c, other.transform.f)
         if not (self.same_lattice(other) and abs(col - round(col)) < 1e-6 and abs(row - round(row)) < 1e-6):
             raise GridError("grids are not on the same pixel lattice")
         return Window(round(col), round(row), other.width, other.height)
 
     def same_lattice(self, other: "Grid") -> bool:
-        """Same CRS, orientation and pixel size (sub-pixel tolerance 1e-9 relative)."""
+        """Same CRS and the same linear part of the transform (orientation, pixel size, rotation),
+        within 1e-9 of the pixel size; the offsets may differ."""
         a, b = self.transform, other.transform
-        return (
-            self.crs == other.crs
-            and math.isclose(a.a, b.a, rel_tol=1e-9)
-            and math.isclose(a.e, b.e, rel_tol=1e-9)
-            and a.b == b.b == 0
-            and a.d == b.d == 0
-        )
+        tol = _LATTICE_TOL * max(self.res)
+        return self.crs == other.crs and all(abs(x - y) <= tol for x, y in zip((a.a, a.b, a.d, a.e), (b.a, b.b, b.d, b.e)))
 
     def bounds_in(self, crs: CRS | None) -> tuple[float, float, float, float]:
         """This grid's bounds reprojected (densified) into ``crs``."""
@@ -81,28 +137,32 @@ class Grid:
         return transform_bounds(self.crs, crs, *self.bounds, densify_pts=21)
 
     def clip_to_bounds(self, bounds: tuple[float, float, float, float]) -> "Grid":
-        """Sub-grid of the pixels (more than half) inside ``bounds``; :class:`GridError` if empty."""
+        """Sub-grid of the pixels (more than half) inside ``bounds``; :class:`GridError` if empty or if
+        this grid is rotated/sheared (use :meth:`north_up` first)."""
+        if not self.is_axis_aligned:
+            raise GridError("cannot clip a rotated/sheared grid to bounds: use its north-up grid")
         left, bottom, right, top = bounds
-        inv = ~self.transform
-        cols = sorted(inv @ (x, y) for x in (left, right) for y in (bottom, top))
-        col0 = max(0, round(min(c for c, _ in cols)))
-        col1 = min(self.width, round(max(c for c, _ in cols)))
-        row0 = max(0, round(min(r for _, r in cols)))
-        row1 = min(self.height, round(max(r for _, r in cols)))
+        cols, rows = zip(*(~self.transform @ (x, y) for x in (left, right) for y in (bottom, top)))
+        # pixel i spans [i, i + 1]: kept when more than half of it is inside (exact halves are not)
+        col0, row0 = (max(0, math.floor(min(v) + 0.5 + _HALF_TOL)) for v in (cols, rows))
+        col1 = min(self.width, math.ceil(max(cols) - 0.5 - _HALF_TOL))
+        row1 = min(self.height, math.ceil(max(rows) - 0.5 - _HALF_TOL))
         if col1 <= col0 or row1 <= row0:
             raise GridError(f"the scenes do not overlap (bounds {self.bounds} vs {tuple(round(v, 6) for v in bounds)})")
         return self.window(Window(col0, row0, col1 - col0, row1 - row0))
 
     def reprojected(self, crs: CRS | None = None, resolution: float | None = None) -> "Grid":
-        """The grid covering the same area in ``crs`` at ``resolution`` (CRS units)."""
+        """The north-up grid covering the same area in ``crs`` at ``resolution`` (CRS units); without
+        either, :meth:`north_up`."""
         if self.crs is None:
             raise GridError("cannot reproject a pixel grid without CRS (--crs/--resolution need georeferenced input)")
-        dst_crs = crs or self.crs
-        if dst_crs == self.crs and resolution is None:
-            return self
+        base = self.north_up()
+        dst_crs = crs or base.crs
+        if dst_crs == base.crs and resolution is None:
+            return base
         res = (resolution, resolution) if resolution else None
         transform, width, height = calculate_default_transform(
-            self.crs, dst_crs, self.width, self.height, *self.bounds, resolution=res
+            base.crs, dst_crs, base.width, base.height, *base.bounds, resolution=res
         )
         return Grid(dst_crs, transform, int(width), int(height))
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import numpy as np
 import torch
@@ -15,6 +15,7 @@ from changedet.checkpoint import load_state_dict, read_metadata
 from changedet.data.stats import PER_SCENE
 from changedet.edge import to_runtime
 from changedet.errors import ModelError
+from changedet.io.bands import COLOUR_ROLES
 from changedet.models import ChangeModel, create_model, model_entry
 from changedet.weights import bundled_checkpoint
 
@@ -106,26 +107,32 @@ def resolve_model(spec: str) -> ModelSpec:
     return ModelSpec(spec)
 
 
-def auto_model(band_names: tuple[str, ...]) -> ModelSpec:
+def auto_model(band_names: Sequence[str], roles: Sequence[str | None] | None = None) -> ModelSpec:
     """For ``--model auto``: the bundled Sentinel-2 model when the scene has its bands, the bundled
-    RGB model for 3-band scenes, else CVA."""
+    RGB model for 3-band scenes whose declared roles (:mod:`changedet.io.bands`) are red, green and
+    blue in any order or unknown, else CVA."""
     if bundled_checkpoint(AUTO_BUNDLED) is not None:
         spec = resolve_model(AUTO_BUNDLED)
         if spec.bands is not None and set(spec.bands[0]) <= set(band_names):
             return spec
-    if len(band_names) == 3 and bundled_checkpoint(AUTO_RGB) is not None:
+    known = [r for r in (roles or []) if r is not None]
+    rgb_roles = len(set(known)) == len(known) and set(known) <= set(COLOUR_ROLES)
+    if len(band_names) == 3 and rgb_roles and bundled_checkpoint(AUTO_RGB) is not None:
         return resolve_model(AUTO_RGB)
     return resolve_model("cva")
 
 
 def resolve_device(device: str) -> torch.device:
-    """``cpu``, ``cuda`` or ``cuda:N``; a clear error when CUDA is asked for but absent."""
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise ModelError("--device cuda requested but no CUDA device is available")
-    try:
-        return torch.device(device)
-    except RuntimeError:
-        raise ModelError(f"unknown device {device!r} (use cpu or cuda)") from None
+    """``cpu``, ``cuda`` or ``cuda:N``; :class:`ModelError` for anything else or a CUDA device that is absent."""
+    kind, _, index = device.partition(":")
+    if kind not in ("cpu", "cuda") or (index and not index.isdigit()) or (kind == "cpu" and index):
+        raise ModelError(f"unknown device {device!r}: use cpu, cuda or cuda:N")
+    if kind == "cuda":
+        if not torch.cuda.is_available():
+            raise ModelError(f"--device {device} requested but no CUDA device is available")
+        if index and int(index) >= torch.cuda.device_count():
+            raise ModelError(f"--device {device}: only {torch.cuda.device_count()} CUDA device(s) present")
+    return torch.device(device)
 
 
 class TilePredictor:
@@ -137,7 +144,11 @@ class TilePredictor:
         config = {**spec.metadata.get("config", {}), "in_channels": in_channels[0] if in_channels[0] == in_channels[1] else in_channels}
         with torch.random.fork_rng(devices=[]):  # untrained registry models: the same weights in every process
             torch.manual_seed(0)
-            self.model: ChangeModel = create_model(spec.name, **config)
+            try:
+                self.model: ChangeModel = create_model(spec.name, **config)
+            except (TypeError, ValueError) as exc:
+                raise ModelError(f"model {spec.name} cannot be built from config {spec.metadata.get('config', {})}: "
+                                 f"{str(exc).splitlines()[0]}") from None
         if spec.checkpoint is not None:
             state = load_state_dict(spec.checkpoint)
             try:
@@ -145,6 +156,7 @@ class TilePredictor:
             except RuntimeError as exc:
                 raise ModelError(f"checkpoint {spec.checkpoint} does not fit model {spec.name}: {str(exc).splitlines()[0]}") from None
         self.model.to(self.device).eval()
+        self.min_input_size = self.model.min_input_size
         if self.device.type == "cpu":
             keep_freed_memory()
         if runtime != "torch":

@@ -14,6 +14,8 @@ from pathlib import Path
 import numpy as np
 import zarr
 
+from changedet.io.writers import writing
+
 FINGERPRINT_ATTR = "changedet_fingerprint"
 
 
@@ -27,13 +29,14 @@ class TileStore:
             shutil.rmtree(self.path)  # results of other inputs/model/parameters: never mix them in
             group = None
         if group is None:
-            group = zarr.open_group(self.path, mode="w")
-            group.create_array(
-                "pred", shape=(n_tiles, 2, *tile_shape), chunks=(1, 2, *tile_shape), dtype="float32",
-                fill_value=np.nan, config={"write_empty_chunks": True},
-            )
-            group.create_array("done", shape=(n_tiles,), chunks=(1,), dtype="uint8", fill_value=0)
-            group.attrs[FINGERPRINT_ATTR] = fingerprint
+            with writing(self.path):
+                group = zarr.open_group(self.path, mode="w")
+                group.create_array(
+                    "pred", shape=(n_tiles, 2, *tile_shape), chunks=(1, 2, *tile_shape), dtype="float32",
+                    fill_value=np.nan, config={"write_empty_chunks": True},
+                )
+                group.create_array("done", shape=(n_tiles,), chunks=(1,), dtype="uint8", fill_value=0)
+                group.attrs[FINGERPRINT_ATTR] = fingerprint
         self.group = group
         self.fingerprint = fingerprint
 
@@ -44,8 +47,9 @@ class TileStore:
     def write(self, index: int, prob: np.ndarray, diff: np.ndarray, valid: np.ndarray) -> None:
         """Store one tile (values outside ``valid`` become NaN) and mark it done."""
         pred = np.stack([np.where(valid, prob, np.nan), np.where(valid, diff, np.nan)]).astype(np.float32)
-        self.group["pred"][index] = pred
-        self.group["done"][index] = 1
+        with writing(self.path):  # zarr's OSErrors name no file: the store's path stands in
+            self.group["pred"][index] = pred
+            self.group["done"][index] = 1
 
     def read(self, index: int) -> tuple[np.ndarray, np.ndarray]:
         """``(values (2, h, w), valid (h, w))`` of a stored tile."""

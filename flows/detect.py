@@ -11,6 +11,7 @@ resumes with only the missing tiles.
 from __future__ import annotations
 
 import argparse
+import errno
 import hashlib
 import logging
 import os
@@ -28,6 +29,7 @@ from pydantic import BaseModel, Field
 
 from changedet.detect import (
     OUTPUT_NAMES,
+    QUICKLOOK,
     TILE_STORE_DIR,
     DetectParams,
     RunPlan,
@@ -39,10 +41,14 @@ from changedet.detect import (
     write_outputs,
 )
 from changedet.errors import ChangeDetError
+from changedet.failures import ErrorLineParser, command_main
 from changedet.inbox import PairJob, discover_pairs, outputs_current
-from changedet.io.quicklook import write_quicklook
+from changedet.io.outdir import OutputLock, check_out_dir
 from changedet.io.writers import OutputStaging
 from changedet.predictor import DEFAULT_MODEL
+
+
+FLOW_LOGGERS = ("prefect", "distributed")  # their records lose tracebacks unless --debug
 
 
 class DetectFlowParams(BaseModel):
@@ -53,13 +59,17 @@ class DetectFlowParams(BaseModel):
     out: str
     name: str | None = Field(None, description="pair name for the flow run and artifact (default: from paths)")
     model: str = DEFAULT_MODEL
-    tile: int = Field(256, ge=16)
-    overlap: int = Field(32, ge=0)
-    threshold: float | None = Field(None, ge=0, le=1)
+    tile: int = DetectParams.tile  # bounds are checked once, by DetectParams.validate
+    overlap: int = DetectParams.overlap
+    threshold: float | None = None
     crs: str | None = None
     resolution: float | None = Field(None, gt=0)
     bands: list[str] | None = None
-    batch_size: int = Field(8, ge=1)
+    nodata: float | None = Field(None, description="nodata value for input files that declare none")
+    resampling: str = "bilinear"
+    blend: Literal["cosine", "mean"] = "cosine"
+    max_pixels: int = DetectParams.max_pixels
+    batch_size: int = DetectParams.batch_size
     batches_per_task: int = Field(4, ge=1, description="tile batches per Prefect task (fewer tasks, less scheduling overhead)")
     device: str = "cpu"
     runtime: Literal["torch", "onnx", "onnx-int8"] = "torch"
@@ -73,7 +83,8 @@ class DetectFlowParams(BaseModel):
 
     def detect_params(self) -> DetectParams:
         """The library parameters."""
-        fields = ("model", "tile", "overlap", "threshold", "crs", "resolution", "bands", "batch_size", "device", "runtime", "threads")
+        fields = ("model", "tile", "overlap", "threshold", "crs", "resolution", "bands", "nodata", "resampling", "blend",
+                  "max_pixels", "batch_size", "device", "runtime", "threads")
         return DetectParams(**{k: getattr(self, k) for k in fields})
 
 
@@ -83,9 +94,14 @@ def _run_name() -> str:
     return f"detect-{params.pair_name}"
 
 
+PERMANENT_ERRNOS = {errno.ENOSPC, errno.EFBIG, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.ENOENT}
+
+
 def _only_io_errors(task_: Any, task_run: Any, state: Any) -> bool:
-    """Retry I/O hiccups (network/disk), never bad inputs or bugs."""
-    return isinstance(state.data, OSError) and not isinstance(state.data, ChangeDetError)
+    """Retry I/O hiccups (network/disk), never bad inputs, bugs, or a full disk / missing permission
+    that a retry cannot fix."""
+    exc = state.data
+    return isinstance(exc, OSError) and not isinstance(exc, ChangeDetError) and exc.errno not in PERMANENT_ERRNOS
 
 
 def _paths_key(params: DetectFlowParams) -> str:
@@ -123,9 +139,8 @@ def predict(run_plan: RunPlan, batches: list[int], store_root: str) -> dict[str,
 
 @task(retries=2, retry_delay_seconds=2, retry_condition_fn=_only_io_errors)
 def write(run_plan: RunPlan, store_root: str, params: DetectFlowParams, timings: dict[str, float]) -> dict[str, Any]:
-    """Mosaic, COGs, polygons, run.json (atomic), quicklook; then drop the tile store."""
+    """Mosaic, COGs, polygons, quicklook, run.json (atomic); then drop the tile store."""
     summary = write_outputs(run_plan, store_root, params.out, params.overwrite, {"t1": params.t1, "t2": params.t2}, timings)
-    write_quicklook(Path(params.out) / "change_probability.tif", Path(params.out) / "quicklook.png")
     remove_tile_store(store_root)
     return summary
 
@@ -143,7 +158,7 @@ def report(summary: dict[str, Any], params: DetectFlowParams) -> None:
         ("changed pixels", f"{counts['changed_pixels']} of {counts['valid_pixels']} valid"),
         ("tiles", f"{counts['tiles']} ({counts['skipped_tiles']} without data)"),
         ("time", " · ".join(f"{k[:-2]} {v:.1f}s" for k, v in t.items())),
-        ("thumbnail", f"[quicklook.png]({(Path(params.out) / 'quicklook.png').resolve().as_uri()})"),
+        ("thumbnail", f"[quicklook.png]({(Path(params.out) / QUICKLOOK).resolve().as_uri()})"),
     ]
     table = "\n".join(f"| {k} | {v} |" for k, v in rows)
     create_markdown_artifact(
@@ -157,23 +172,28 @@ def report(summary: dict[str, Any], params: DetectFlowParams) -> None:
 def detect_pair(params: DetectFlowParams) -> dict[str, Any]:
     """Detect changes between ``params.t1`` and ``params.t2`` into ``params.out``."""
     started = time.perf_counter()
+    params.detect_params().validate()
+    check_out_dir(params.out, (params.t1, params.t2), OUTPUT_NAMES)
     key = fingerprint(params)
     if outputs_current(params.out, key):
         print(f"{params.out} is up to date for fingerprint {key}: nothing to do")
         return {"fingerprint": key, "skipped": True}
-    OutputStaging.check(params.out, OUTPUT_NAMES, params.overwrite)  # refuse before predicting anything
-    run_plan = plan(params, key)
-    store_root = str(Path(params.out) / TILE_STORE_DIR)
-    todo = missing_batches(run_plan, store_root)
-    print(f"{len(run_plan.tiles)} tiles in {len(run_plan.batches)} batches, {len(todo)} batches to predict")
-    groups = [todo[i : i + params.batches_per_task] for i in range(0, len(todo), params.batches_per_task)]
-    stats = [f.result() for f in predict.map(unmapped(run_plan), groups, unmapped(store_root))]
-    timings = {
-        "read_s": sum(s["read_s"] for s in stats),
-        "model_s": sum(s["model_s"] for s in stats),
-        "predict_wall_s": time.perf_counter() - started,
-    }
-    summary = write(run_plan, store_root, params, timings)
+    with OutputLock(params.out):
+        OutputStaging.check(params.out, OUTPUT_NAMES, params.overwrite)  # refuse before predicting anything
+        run_plan = plan(params, key)
+        for line in run_plan.warnings:
+            print(f"warning: {line}")
+        store_root = str(Path(params.out) / TILE_STORE_DIR)
+        todo = missing_batches(run_plan, store_root)
+        print(f"{len(run_plan.tiles)} tiles in {len(run_plan.batches)} batches, {len(todo)} batches to predict")
+        groups = [todo[i : i + params.batches_per_task] for i in range(0, len(todo), params.batches_per_task)]
+        stats = [f.result() for f in predict.map(unmapped(run_plan), groups, unmapped(store_root))]
+        timings = {
+            "read_s": sum(s["read_s"] for s in stats),
+            "model_s": sum(s["model_s"] for s in stats),
+            "predict_wall_s": time.perf_counter() - started,
+        }
+        summary = write(run_plan, store_root, params, timings)
     report(summary, params)
     print(f"outputs in {Path(params.out).resolve()}")
     return summary
@@ -200,18 +220,28 @@ def process_inbox(inbox: str, out_root: str, model: str = DEFAULT_MODEL, dask_ad
     return processed
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """Command line; returns the exit status (2 with one ``error: <reason>`` line for bad input)."""
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = parser.add_subparsers(dest="command", required=True)
+def build_parser() -> ErrorLineParser:
+    """The ``python flows/detect.py`` argument parser."""
+    parser = ErrorLineParser(prog="flows/detect.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=ErrorLineParser)
     run = sub.add_parser("run", help="run the detect flow once")
     run.add_argument("--t1", required=True)
     run.add_argument("--t2", required=True)
     run.add_argument("--out", required=True)
     run.add_argument("--model", default=DEFAULT_MODEL)
-    run.add_argument("--tile", type=int, default=256)
-    run.add_argument("--overlap", type=int, default=32)
-    run.add_argument("--batch-size", type=int, default=8)
+    run.add_argument("--tile", type=int, default=DetectParams.tile)
+    run.add_argument("--overlap", type=int, default=DetectParams.overlap)
+    run.add_argument("--threshold", type=float, default=None)
+    run.add_argument("--crs", default=None)
+    run.add_argument("--resolution", type=float, default=None)
+    run.add_argument("--bands", type=lambda v: [b.strip() for b in v.split(",") if b.strip()], default=None)
+    run.add_argument("--nodata", type=float, default=None)
+    run.add_argument("--resampling", default=DetectParams.resampling)
+    run.add_argument("--blend", default=DetectParams.blend)
+    run.add_argument("--max-pixels", type=int, default=DetectParams.max_pixels)
+    run.add_argument("--batch-size", type=int, default=DetectParams.batch_size)
+    run.add_argument("--device", default=DetectParams.device)
+    run.add_argument("--runtime", default=DetectParams.runtime)
     run.add_argument("--overwrite", action="store_true")
     run.add_argument("--dask-address", default=None, help="tcp://host:port of an existing Dask scheduler")
     run.add_argument("--workers", type=int, default=1, help="embedded LocalCluster worker processes")
@@ -222,24 +252,38 @@ def main(argv: Sequence[str] | None = None) -> int:
     serve.add_argument("--out-root", default="outputs/inbox")
     serve.add_argument("--cron", default="*/15 * * * *")
     serve.add_argument("--model", default=DEFAULT_MODEL)
-    args = parser.parse_args(argv)
+    return parser
+
+
+def _run(args: argparse.Namespace) -> int:
+    if args.workers < 1:
+        raise ChangeDetError(f"--workers must be >= 1, got {args.workers}")
+    threads = args.threads or (None if args.dask_address else max(1, (os.cpu_count() or 1) // args.workers))
+    options = {k: getattr(args, k) for k in ("t1", "t2", "out", "model", "tile", "overlap", "threshold", "crs", "resolution",
+                                             "bands", "nodata", "resampling", "blend", "max_pixels", "batch_size",
+                                             "device", "runtime", "overwrite")}
+    params = DetectFlowParams(**options, threads=threads)
+    detect_pair.with_options(task_runner=task_runner(args.dask_address, args.workers))(params)
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Command line; returns the exit status with one ``error: <reason>`` line on failure
+    (statuses of :mod:`changedet.failures`; ``--debug`` shows tracebacks)."""
     logging.getLogger("distributed").setLevel(logging.WARNING)
-    if args.command == "run":
-        threads = args.threads or (None if args.dask_address else max(1, (os.cpu_count() or 1) // args.workers))
-        params = DetectFlowParams(t1=args.t1, t2=args.t2, out=args.out, model=args.model, tile=args.tile,
-                                  overlap=args.overlap, batch_size=args.batch_size, overwrite=args.overwrite, threads=threads)
-        try:
-            detect_pair.with_options(task_runner=task_runner(args.dask_address, args.workers))(params)
-        except ChangeDetError as exc:
-            print(f"error: {exc}", file=sys.stderr)
-            return 2
-    else:
+
+    def work(args: list[str]) -> int:
+        parsed = build_parser().parse_args(args)
+        if parsed.command == "run":
+            return _run(parsed)
         process_inbox.serve(
             name="changedet-inbox",
-            cron=args.cron,
-            parameters={"inbox": args.inbox, "out_root": args.out_root, "model": args.model},
+            cron=parsed.cron,
+            parameters={"inbox": parsed.inbox, "out_root": parsed.out_root, "model": parsed.model},
         )
-    return 0
+        return 0
+
+    return command_main(argv, work, FLOW_LOGGERS)
 
 
 if __name__ == "__main__":

@@ -13,6 +13,8 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import sys
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +33,9 @@ from changedet.evaluation.runs import (
     run_job,
     summarize,
 )
-from flows.detect import _only_io_errors, task_runner
+from changedet.errors import ChangeDetError
+from changedet.failures import ErrorLineParser, command_main
+from flows.detect import FLOW_LOGGERS, _only_io_errors, task_runner
 
 
 class EvaluateFlowParams(BaseModel):
@@ -84,8 +88,9 @@ def evaluate_model(params: EvaluateFlowParams) -> dict[str, Any]:
     return report
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def build_parser() -> ErrorLineParser:
+    """The ``python -m flows.evaluate`` argument parser."""
+    parser = ErrorLineParser(prog="flows/evaluate.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("stage", choices=["robustness", "domain-shift"])
     parser.add_argument("--data", required=True, help="dataset root, e.g. ../shared/data/oscd")
     parser.add_argument("--out", required=True)
@@ -95,14 +100,25 @@ def main() -> None:
     parser.add_argument("--overwrite", action="store_true")
     parser.add_argument("--dask-address", default=None, help="tcp://host:port of an existing Dask scheduler")
     parser.add_argument("--workers", type=int, default=1, help="embedded LocalCluster worker processes")
-    args = parser.parse_args()
-    logging.getLogger("distributed").setLevel(logging.WARNING)
+    return parser
+
+
+def _run(args: argparse.Namespace) -> int:
+    if args.workers < 1:
+        raise ChangeDetError(f"--workers must be >= 1, got {args.workers}")
     common = {"data": args.data, "scenes": args.scenes, "checkpoints": args.model or ["oscd-s2"]}
     config = RobustnessConfig(steps=args.steps, **common) if args.stage == "robustness" else DomainShiftConfig(**common)
     threads = None if args.dask_address else max(1, (os.cpu_count() or 1) // args.workers)
     params = EvaluateFlowParams(config=config, out=args.out, overwrite=args.overwrite, threads=threads)
     evaluate_model.with_options(task_runner=task_runner(args.dask_address, args.workers))(params)
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Command line; one ``error: <reason>`` line and the status of :mod:`changedet.failures` on failure."""
+    logging.getLogger("distributed").setLevel(logging.WARNING)
+    return command_main(argv, lambda args: _run(build_parser().parse_args(args)), FLOW_LOGGERS)
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -6,11 +6,14 @@
 from __future__ import annotations
 
 import argparse
+import sys
+from collections.abc import Sequence
 from typing import Any
 
 from prefect import flow, task
 from prefect.artifacts import create_markdown_artifact
 
+from changedet.failures import ErrorLineParser, command_main
 from changedet.train import train_from_config
 
 
@@ -44,9 +47,19 @@ def train_flow(config: str, epochs: int | None = None) -> dict[str, Any]:
     return result
 
 
-if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def main(argv: Sequence[str] | None = None) -> int:
+    """Command line; one ``error: <reason>`` line and the status of :mod:`changedet.failures` on failure."""
+    parser = ErrorLineParser(prog="flows/train.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("config")
     parser.add_argument("--epochs", type=int, default=None)
-    args = parser.parse_args()
-    train_flow(args.config, args.epochs)
+
+    def work(args: list[str]) -> int:
+        parsed = parser.parse_args(args)
+        train_flow(parsed.config, parsed.epochs)
+        return 0
+
+    return command_main(argv, work, ("prefect",))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

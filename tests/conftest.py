@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -64,3 +65,36 @@ def make_raster(tmp_path: Path):
         return write_raster(tmp_path / name, data, **kwargs)
 
     return make
+
+
+@pytest.fixture
+def good_pair(tmp_path):
+    """Two 3-band uint16 64 x 64 dates that differ."""
+    data = np.random.default_rng(0).integers(100, 4000, (3, 64, 64)).astype(np.uint16)
+    return write_raster(tmp_path / "t1.tif", data), write_raster(tmp_path / "t2.tif", data[::-1].copy())
+
+
+@pytest.fixture(scope="module")
+def earlier_outputs(tmp_path_factory) -> Path:
+    """Outputs of a successful run on another pair: what every failing run must leave untouched."""
+    root = tmp_path_factory.mktemp("earlier")
+    data = np.random.default_rng(7).integers(100, 4000, (3, 48, 48)).astype(np.uint16)
+    t1, t2 = write_raster(root / "a.tif", data), write_raster(root / "b.tif", data[:, ::-1].copy())
+    from changedet import detect
+
+    detect.detect_changes(t1, t2, root / "out", detect.DetectParams(tile=32, overlap=8))
+    return root / "out"
+
+
+@pytest.fixture
+def ctx(tmp_path, good_pair, sample_city, earlier_outputs, monkeypatch):
+    """Reliability cases' context (``tests/reliability.py``): a fresh output folder holding the earlier
+    outputs, the good pair and the bundled city."""
+    from tests.reliability import Ctx
+
+    out = tmp_path / "out"
+    shutil.copytree(earlier_outputs, out)
+    context = Ctx(tmp_path, *good_pair, sample_city, out, monkeypatch)
+    yield context
+    for finalize in context.finalizers:
+        finalize()

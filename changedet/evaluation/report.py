@@ -18,7 +18,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 
 from changedet.evaluation.runs import CLEAN
-from changedet.io.writers import OutputStaging
+from changedet.io.writers import OutputStaging, write_text, writing
 
 REPORT = "report.json"
 MARKDOWN = "report.md"
@@ -118,8 +118,11 @@ def plot(report: dict[str, Any], path: str | Path) -> Path:
     axes[0][0].set_ylabel("F1 (pooled)")
     axes[0][-1].legend(fontsize=7, loc="best")
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    try:
+        with writing(path):
+            fig.savefig(path, dpi=110)
+    finally:
+        plt.close(fig)
     return Path(path)
 
 
@@ -138,8 +141,8 @@ def write_report(report: dict[str, Any], out_dir: str | Path, overwrite: bool = 
     names = report_names(report["stage"])
     with OutputStaging(out_dir, names, overwrite) as staging:
         text = markdown(report)
-        staging.path(REPORT).write_text(json.dumps({**report, "markdown": text}, indent=2))
-        staging.path(MARKDOWN).write_text(text)
+        write_text(staging.path(REPORT), json.dumps({**report, "markdown": text}, indent=2))
+        write_text(staging.path(MARKDOWN), text)
         plot(report, staging.path(PLOTS[report["stage"]]))
         staging.commit()
     return {n: Path(out_dir) / n for n in names}

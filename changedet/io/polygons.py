@@ -13,16 +13,15 @@ import geopandas as gpd
 import numpy as np
 import shapely
 from affine import Affine
-from pyogrio.errors import DataLayerError, DataSourceError
 from pyproj import Geod
 from rasterio.features import shapes
 from rasterio.windows import Window
 from scipy import ndimage
 from shapely.geometry import shape
 
-from changedet.errors import OutputError
 from changedet.grid import Grid
 from changedet.io.scene import open_raster
+from changedet.io.writers import writing
 
 STRIP_PIXELS = 1 << 22  # pixels per strip: memory stays flat whatever the scene width
 
@@ -121,8 +120,6 @@ def polygonize_mask(
             },
             geometry=gpd.GeoSeries(geoms, crs=grid.crs),
         )
-        try:
+        with writing(out_path):  # SQLite's "database or disk is full" -> OSError(ENOSPC, ..., out_path)
             frame.to_file(out_path, layer=layer, driver="GPKG", engine="pyogrio", geometry_type="Polygon")
-        except (DataSourceError, DataLayerError) as exc:  # e.g. SQLite's "database or disk is full"
-            raise OutputError(f"cannot write {out_path}: {str(exc).splitlines()[0]}") from None
         return len(frame), float(np.nansum(frame["area_m2"])) if len(frame) else 0.0

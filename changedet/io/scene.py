@@ -27,7 +27,8 @@ _BAND_SUFFIX = re.compile(r"[_\-.]((?:B\d{1,2}A?)|(?:band\d+)|(?:b\d+))$", re.IG
 
 @dataclass(frozen=True)
 class BandSource:
-    """One band: ``path`` and 1-based ``index`` in that file, its ``name``, native ``grid`` and ``nodata``."""
+    """One band: ``path`` and 1-based ``index`` in that file, its ``name``, native ``grid``, ``nodata``,
+    GDAL ``description`` and colour interpretation (``colorinterp``: ``red``, ``gray``, ``undefined``...)."""
 
     path: str
     index: int
@@ -36,6 +37,7 @@ class BandSource:
     nodata: float | None
     dtype: str
     description: str = ""
+    colorinterp: str = ""
 
 
 @dataclass(frozen=True)
@@ -57,7 +59,7 @@ class Scene:
 
     def finest_band(self) -> BandSource:
         """The band with the smallest pixel area (first one on ties): the default target grid."""
-        return min(self.bands, key=lambda b: b.grid.res[0] * b.grid.res[1])
+        return min(self.bands, key=lambda b: b.grid.pixel_area)
 
 
 def open_raster(path: str | Path):
@@ -73,6 +75,7 @@ def open_raster(path: str | Path):
 
 
 def _band_sources(path: str, name_prefix: str | None, nodata: float | None) -> list[BandSource]:
+    """The bands of one file; ``nodata`` applies only to bands whose file declares none."""
     with open_raster(path) as ds:
         if ds.count == 0 or ds.width == 0 or ds.height == 0:
             raise InputError(f"raster {path} is empty ({ds.count} bands, {ds.height}x{ds.width} px)")
@@ -87,9 +90,11 @@ def _band_sources(path: str, name_prefix: str | None, nodata: float | None) -> l
                 name = name_prefix if ds.count == 1 else f"{name_prefix}_{i}"
             else:
                 name = f"B{i}"
-            band_nodata = nodata if nodata is not None else ds.nodatavals[i - 1]
+            declared = ds.nodatavals[i - 1]
+            band_nodata = declared if declared is not None else nodata
             description = ds.descriptions[i - 1] or ""
-            sources.append(BandSource(str(path), i, name, grid, band_nodata, ds.dtypes[i - 1], description))
+            colorinterp = ds.colorinterp[i - 1].name
+            sources.append(BandSource(str(path), i, name, grid, band_nodata, ds.dtypes[i - 1], description, colorinterp))
     return sources
 
 
@@ -104,25 +109,53 @@ def _sort_key(name: str) -> tuple[int, str]:
     return (SENTINEL2_ORDER.index(name), name) if name in SENTINEL2_ORDER else (len(SENTINEL2_ORDER), name)
 
 
+def _is_band_file(path: Path) -> bool:
+    """A visible (not ``.``-prefixed, e.g. macOS ``._B01.tif``) file with a raster suffix."""
+    return path.is_file() and not path.name.startswith(".") and path.suffix.lower() in RASTER_SUFFIXES
+
+
+def _names(paths: Sequence[Path], most: int = 5) -> str:
+    names = [p.name + ("/" if p.is_dir() else "") for p in paths]
+    return ", ".join(names[:most]) + (f", ... ({len(names)} in all)" if len(names) > most else "")
+
+
 def _list_files(spec: str) -> list[str]:
+    """The raster files of one date. An existing path is used as it is, never as a pattern (a file
+    named ``scene[1].tif``); a folder gives its visible raster files; anything else is a glob, of
+    which folders, hidden and non-raster files are ignored. :class:`InputError` when nothing is left."""
     path = Path(spec)
     if path.is_dir():
-        files = [str(p) for p in sorted(path.iterdir()) if p.suffix.lower() in RASTER_SUFFIXES and p.is_file()]
+        entries = sorted(path.iterdir())
+        files = [str(p) for p in entries if _is_band_file(p)]
         if not files:
-            raise InputError(f"folder {spec} contains no raster files ({', '.join(RASTER_SUFFIXES)})")
+            folders = [p for p in entries if p.is_dir() and not p.name.startswith(".")]
+            hint = f"; it holds only sub-folders ({_names(folders)}): give one of them" if folders else ""
+            raise InputError(f"folder {spec} contains no raster files ({', '.join(RASTER_SUFFIXES)}){hint}")
         return files
+    if path.exists():
+        return [spec]
     if any(ch in spec for ch in "*?["):
-        files = sorted(glob.glob(spec))
+        matches = [Path(p) for p in sorted(glob.glob(spec))]
+        files = [str(p) for p in matches if _is_band_file(p)]
         if not files:
-            raise InputError(f"pattern {spec} matches no file")
+            seen = f" (it matches only {_names(matches)})" if matches else ""
+            raise InputError(f"pattern {spec} matches no raster file ({', '.join(RASTER_SUFFIXES)}){seen}")
         return files
-    if not path.exists():
-        raise InputError(f"input {spec} does not exist")
-    return [spec]
+    raise InputError(f"input {spec} does not exist")
+
+
+def _by_description(bands: Sequence[BandSource], key: str, source: str) -> BandSource | None:
+    """The one band whose GDAL description is ``key`` (case-insensitive); None if none, InputError if several."""
+    matches = [(i, b) for i, b in enumerate(bands, start=1) if b.description.strip().upper() == key.upper()]
+    if len(matches) > 1:
+        numbers = ", ".join(str(i) for i, _ in matches)
+        raise InputError(f"band {key!r} matches the description of bands {numbers} in {source}; select by index")
+    return matches[0][1] if matches else None
 
 
 def select_bands(bands: Sequence[BandSource], selection: Sequence[str | int], source: str) -> tuple[BandSource, ...]:
-    """Pick bands by name (case-insensitive) or 1-based index, in the given order."""
+    """Pick bands by 1-based index, by name (case-insensitive) or, when no name matches, by GDAL band
+    description (case-insensitive, only if exactly one band has it), in the given order."""
     by_name = {b.name.upper(): b for b in bands}
     chosen = []
     for item in selection:
@@ -134,8 +167,11 @@ def select_bands(bands: Sequence[BandSource], selection: Sequence[str | int], so
             chosen.append(bands[idx - 1])
         elif key.upper() in by_name:
             chosen.append(by_name[key.upper()])
+        elif (band := _by_description(bands, key, source)) is not None:
+            chosen.append(band)
         else:
-            raise InputError(f"band {key!r} not found in {source}; available: {', '.join(b.name for b in bands)}")
+            described = [f"{b.name} ({b.description})" if b.description else b.name for b in bands]
+            raise InputError(f"band {key!r} not found in {source}; available: {', '.join(described)}")
     return tuple(chosen)
 
 
@@ -145,9 +181,11 @@ def open_scene(spec: str | Path, bands: Sequence[str | int] | None = None, nodat
     Args:
         spec: a raster file (all its bands, named ``B1..Bn``; GDAL band descriptions are kept as
             ``description``), a folder of single-band files (band name = the
-            ``_B01``-style suffix; Sentinel-2 names sorted B01..B12 with B8A after B08), or a glob.
-        bands: optional selection by name or 1-based index, applied after ordering.
-        nodata: value to treat as invalid where the files declare none.
+            ``_B01``-style suffix; Sentinel-2 names sorted B01..B12 with B8A after B08; hidden and
+            non-raster files ignored), or a glob (folders, hidden and non-raster files ignored). An
+            existing path is never taken as a glob.
+        bands: optional selection by 1-based index, name or GDAL description, applied after ordering.
+        nodata: value to treat as invalid in bands whose file declares no nodata (a declared one is kept).
 
     Raises:
         InputError: missing/unreadable files, empty rasters, unknown band names, duplicate band names.

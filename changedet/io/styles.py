@@ -13,6 +13,8 @@ from __future__ import annotations
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
+from changedet.io.writers import write_text
+
 QGIS_VERSION = "3.28.0"
 CHANGE_COLOR = "#e31a1c"
 
@@ -37,8 +39,7 @@ def _layer(renderer_type: str, band: int, transparent: list[float]) -> tuple[ET.
 def _write(root: ET.Element, path: str | Path) -> Path:
     ET.indent(root)
     body = ET.tostring(root, encoding="unicode")
-    Path(path).write_text(f"<!DOCTYPE qgis PUBLIC 'http://mrcc.com/qgis.dtd' 'SYSTEM'>\n{body}\n", encoding="utf-8")
-    return Path(path)
+    return write_text(path, f"<!DOCTYPE qgis PUBLIC 'http://mrcc.com/qgis.dtd' 'SYSTEM'>\n{body}\n")
 
 
 def write_probability_style(path: str | Path, threshold: float, nodata: float) -> Path:

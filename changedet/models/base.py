@@ -25,6 +25,13 @@ class ChangeModel(nn.Module):
     def forward(self, t1: torch.Tensor, t2: torch.Tensor) -> ChangeOutput:  # pragma: no cover
         raise NotImplementedError
 
+    @property
+    def min_input_size(self) -> int:
+        """Smallest tile side (px) on which the model sees the scene rather than padding: the
+        encoder's output stride (``pad_multiple``), 1 for per-pixel models."""
+        encoder = getattr(self, "encoder", None)
+        return int(getattr(self, "pad_multiple", 0) or getattr(encoder, "output_stride", 1))
+
     def fit_scene(self, t1: torch.Tensor, t2: torch.Tensor, valid: torch.Tensor) -> None:
         """Adapt scene statistics from pixel samples ``(N, C)``; a no-op for trained models."""
 

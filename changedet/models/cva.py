@@ -16,7 +16,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from changedet.errors import ModelError
+from changedet.errors import InputError, ModelError
 from changedet.models.base import ChangeModel
 from changedet.models.output import ChangeOutput
 from changedet.models.registry import register_model
@@ -67,17 +67,34 @@ class ChangeVectorAnalysis(ChangeModel):
         return x.mean(0), x.std(0).clamp_min(1e-6)
 
     def fit_scene(self, t1: torch.Tensor, t2: torch.Tensor, valid: torch.Tensor) -> None:
-        """Fit per-date band statistics and Otsu's threshold on pixel samples ``(N, C)``."""
+        """Fit per-date band statistics and Otsu's threshold on pixel samples ``(N, C)``.
+
+        Degenerate scenes: identical dates (a zero magnitude everywhere) or a magnitude without spread
+        give no change at all (the threshold is put above every magnitude), never "all changed"; a
+        date that is constant in every band while the other is not is refused, because standardising
+        it by its own statistics erases whatever differs.
+        """
         t1, t2 = t1[valid].double(), t2[valid].double()
         if t1.shape[0] < 2:
-            raise ValueError("CVA needs at least two valid pixels to fit the scene")
+            raise InputError(f"cva needs at least two valid pixels to fit the scene, got {t1.shape[0]}")
         stats = (*self._stats(t1), *self._stats(t2))
+        flat = [bool((x.std(0) <= 1e-12).all()) for x in (t1, t2)]
+        if any(flat) and not torch.equal(t1, t2):
+            date = "t1" if flat[0] else "t2"
+            raise InputError(
+                f"{date} is constant over the valid area (every band has one value): cva standardises each date by "
+                "its own statistics and cannot compare it; use a model with stored statistics (--model CHECKPOINT)"
+            )
         magnitude = self._magnitude(t1[..., None, None], t2[..., None, None], stats).ravel()
-        threshold = otsu_threshold(magnitude.numpy())
+        spread = float(magnitude.max() - magnitude.min())
+        if spread <= 1e-9 * max(1.0, float(magnitude.abs().max())):  # no two classes to separate: no change
+            threshold, scale = float(magnitude.max()) + 1.0, 1.0 / 16
+        else:
+            threshold, scale = otsu_threshold(magnitude.numpy()), max(float(magnitude.std()) / 4, 1e-6)
         for buf, value in zip(("mean_t1", "std_t1", "mean_t2", "std_t2"), stats):
             getattr(self, buf).copy_(value)
         self.threshold.fill_(threshold)
-        self.scale.fill_(max(float(magnitude.std()) / 4, 1e-6))
+        self.scale.fill_(scale)
         self.fitted.fill_(True)
 
     def forward(self, t1: torch.Tensor, t2: torch.Tensor) -> ChangeOutput:

@@ -1,0 +1,174 @@
+"""The outputs of a detect run: their names, nodata values, and how they are written.
+
+:func:`write_outputs` blends the stored tile predictions into COGs on the common grid, writes the QGIS
+styles, the polygons, ``quicklook.png`` and ``run.json`` inside a hidden staging folder, and moves
+everything into the output folder only when all of them exist (:class:`~changedet.io.writers.OutputStaging`).
+The CLI and the Prefect flow both write exactly :data:`OUTPUT_NAMES`.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import resource
+import time
+from dataclasses import asdict
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import rasterio
+import torch
+
+import changedet
+from changedet.errors import ChangeDetError, InputError
+from changedet.io.polygons import polygonize_mask
+from changedet.io.quicklook import write_quicklook
+from changedet.io.styles import write_mask_style, write_probability_style
+from changedet.io.writers import BlockRasterWriter, OutputStaging, write_cog, write_text
+from changedet.mosaic import StreamingMosaic
+from changedet.planning import RunPlan, open_tile_store
+from changedet.tilestore import TileStore
+
+PROBABILITY = "change_probability.tif"
+MASK = "change_mask.tif"
+DIFFERENCE = "difference.tif"
+POLYGONS = "changes.gpkg"
+RUN_JSON = "run.json"
+QUICKLOOK = "quicklook.png"
+PROBABILITY_STYLE = "change_probability.qml"  # QGIS applies <name>.qml to <name>.tif
+MASK_STYLE = "change_mask.qml"
+OUTPUT_NAMES = [PROBABILITY, MASK, DIFFERENCE, POLYGONS, PROBABILITY_STYLE, MASK_STYLE, QUICKLOOK, RUN_JSON]
+FLOAT_NODATA = -9999.0
+MASK_NODATA = 255
+
+
+def _mosaic_to_scratch(plan: RunPlan, store: TileStore, paths: dict[str, Path]) -> dict[str, int]:
+    grid = plan.pair.grid
+    writers = {
+        PROBABILITY: BlockRasterWriter(paths[PROBABILITY], grid, "float32", FLOAT_NODATA),
+        MASK: BlockRasterWriter(paths[MASK], grid, "uint8", MASK_NODATA),
+        DIFFERENCE: BlockRasterWriter(paths[DIFFERENCE], grid, "float32", FLOAT_NODATA),
+    }
+    counts = {"valid_pixels": 0, "changed_pixels": 0, "tiles": len(plan.tiles), "skipped_tiles": 0}
+
+    def sink(row_off: int, values: np.ndarray, valid: np.ndarray) -> None:
+        prob, diff = values
+        changed = valid & (prob >= plan.threshold)
+        writers[PROBABILITY].write_rows(row_off, np.where(valid, prob, FLOAT_NODATA))
+        writers[DIFFERENCE].write_rows(row_off, np.where(valid, diff, FLOAT_NODATA))
+        writers[MASK].write_rows(row_off, np.where(valid, changed, MASK_NODATA).astype(np.uint8))
+        counts["valid_pixels"] += int(valid.sum())
+        counts["changed_pixels"] += int(changed.sum())
+
+    mosaic = StreamingMosaic(grid.shape, plan.tiles, 2, sink, plan.params.overlap, plan.params.blend)
+    try:
+        for tile in plan.tiles:
+            values, valid = store.read(tile.index)
+            if valid.any():
+                mosaic.add(tile, values, valid)
+            else:
+                mosaic.skip(tile)
+                counts["skipped_tiles"] += 1
+    finally:
+        for w in writers.values():
+            w.discard()
+    if counts["valid_pixels"] == 0:
+        raise InputError("no valid pixel where t1 and t2 overlap (all nodata/NaN)")
+    for w in writers.values():
+        w.close()
+    return counts
+
+
+def _polygons(staging: OutputStaging, timings: dict[str, float]) -> dict[str, Any]:
+    start = time.perf_counter()
+    n, area = polygonize_mask(staging.path(MASK), staging.path(PROBABILITY), staging.path(POLYGONS))
+    timings["polygons_s"] = time.perf_counter() - start
+    return {"regions": n, "changed_area_m2": area, "changed_area_ha": area / 1e4}
+
+
+def _versions() -> dict[str, str]:
+    return {
+        "changedet": changedet.__version__,
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "timm": metadata.version("timm"),
+        "segmentation_models_pytorch": metadata.version("segmentation-models-pytorch"),
+        "rasterio": rasterio.__version__,
+        "gdal": rasterio.__gdal_version__,
+        "numpy": np.__version__,
+    }
+
+
+def peak_rss_mb() -> float:
+    """Peak resident set size of this process in MiB.
+
+    Linux: ``VmHWM`` of ``/proc/self/status``, which starts afresh at ``exec``; ``ru_maxrss`` keeps the
+    parent's peak across fork + exec (a run started by a 3 GB process would report 3 GB).
+    """
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def write_outputs(
+    plan: RunPlan,
+    store_root: str | Path,
+    out_dir: str | Path,
+    overwrite: bool = False,
+    inputs: dict[str, str] | None = None,
+    timings: dict[str, float] | None = None,
+    started: float | None = None,
+    extra_counts: dict[str, int] | None = None,
+) -> dict[str, Any]:
+    """Blend stored tiles into COGs, polygonise, write ``run.json``; move all into ``out_dir``.
+
+    Nothing appears in ``out_dir`` unless every output was produced; returns the ``run.json`` summary.
+    """
+    timings = {**plan.timings, **(timings or {})}
+    store = open_tile_store(plan, store_root)
+    missing = len(plan.tiles) - len(store.done())
+    if missing:
+        raise ChangeDetError(f"{missing} tiles have no prediction yet in {store.path}")
+    with OutputStaging(out_dir, OUTPUT_NAMES, overwrite) as staging:
+        start = time.perf_counter()
+        scratch = {name: staging.path(f"scratch_{name}") for name in (PROBABILITY, MASK, DIFFERENCE)}
+        counts = {**_mosaic_to_scratch(plan, store, scratch), **(extra_counts or {})}
+        timings["mosaic_s"] = time.perf_counter() - start
+        start = time.perf_counter()
+        write_cog(scratch[PROBABILITY], staging.path(PROBABILITY), "average")
+        write_cog(scratch[DIFFERENCE], staging.path(DIFFERENCE), "average")
+        write_cog(scratch[MASK], staging.path(MASK), "nearest")
+        timings["cog_s"] = time.perf_counter() - start
+        write_probability_style(staging.path(PROBABILITY_STYLE), plan.threshold, FLOAT_NODATA)
+        write_mask_style(staging.path(MASK_STYLE), MASK_NODATA)
+        changes = _polygons(staging, timings)
+        write_quicklook(staging.path(PROBABILITY), staging.path(QUICKLOOK))
+        if started is not None:
+            timings["total_s"] = time.perf_counter() - started
+        summary = {
+            "inputs": inputs or {"t1": plan.pair.t1.source, "t2": plan.pair.t2.source},
+            **plan.pair.to_dict(),
+            "model": plan.spec.describe(),
+            "parameters": {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(plan.params).items()},
+            "threshold": plan.threshold,
+            "fingerprint": plan.fingerprint,
+            "warnings": plan.warnings,
+            "counts": counts,
+            "changes": changes,
+            "outputs": {name: name for name in OUTPUT_NAMES},
+            "nodata": {PROBABILITY: FLOAT_NODATA, DIFFERENCE: FLOAT_NODATA, MASK: MASK_NODATA},
+            "timings": {k: round(v, 4) for k, v in timings.items()},
+            "peak_rss_mb": round(peak_rss_mb(), 1),
+            "versions": _versions(),
+        }
+        write_text(staging.path(RUN_JSON), json.dumps(summary, indent=2, default=str))
+        staging.commit()
+    return summary
+
+

@@ -1,0 +1,241 @@
+"""Planning one detect run: parameters, inputs opened with the model's bands, common grid, tiles,
+scene statistics and the content fingerprint — everything decided before any tile is predicted.
+
+Degenerate inputs are refused here with their reason rather than turned into a plausible map: too few
+valid pixels for a model that estimates scene statistics, a grid smaller than a spatial model's
+input, bands whose declared roles are not the model's (see :mod:`changedet.io.bands`). Warnings
+raised while planning (bands taken by position or reordered, grids without georeference, …) are kept
+in :attr:`RunPlan.warnings` and written to ``run.json``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+import warnings
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from changedet.align import AlignedPair, PairReader, align_pair
+from changedet.data.stats import date_statistics
+from changedet.errors import ChangeDetError, InputError, ModelError
+from changedet.io.bands import model_roles, order_for_model, scene_roles
+from changedet.io.scene import Scene, open_scene
+from changedet.predictor import DEFAULT_MODEL, ModelSpec, SceneFit, TilePredictor, auto_model, resolve_model
+from changedet.tiling import Tile, plan_tiles, validate_tiling
+from changedet.tilestore import TileStore
+
+MIN_SCENE_PIXELS = 100  # valid pixels a model needs to estimate scene statistics (CVA's Otsu, per-scene norms)
+
+
+@dataclass
+class DetectParams:
+    """User-facing parameters of one detect run (what the CLI flags set)."""
+
+    model: str = DEFAULT_MODEL
+    tile: int = 256
+    overlap: int = 32
+    threshold: float | None = None
+    crs: str | None = None
+    resolution: float | None = None
+    bands: Sequence[str] | None = None
+    nodata: float | None = None
+    resampling: str = "bilinear"
+    blend: str = "cosine"
+    batch_size: int = 8
+    device: str = "cpu"
+    runtime: str = "torch"
+    threads: int | None = None  # torch intra-op threads per worker (None: torch's default)
+    sample_tiles: int = 16
+    seed: int = 0
+    max_pixels: int = 1 << 32  # refuse larger common grids (a corrupt or absurd declared size)
+
+    def validate(self) -> None:
+        """Raise :class:`ChangeDetError` with the reason for impossible settings."""
+        validate_tiling(self.tile, self.overlap)
+        if self.threshold is not None and not 0.0 <= self.threshold <= 1.0:
+            raise ChangeDetError(f"--threshold must be within [0, 1], got {self.threshold}")
+        if self.batch_size < 1:
+            raise ChangeDetError(f"--batch-size must be >= 1, got {self.batch_size}")
+        if self.max_pixels < 1:
+            raise ChangeDetError(f"--max-pixels must be >= 1, got {self.max_pixels}")
+
+
+@dataclass
+class RunPlan:
+    """Everything decided before predicting: small and picklable (sent to Dask workers)."""
+
+    pair: AlignedPair
+    tiles: list[Tile]
+    batches: list[list[int]]
+    spec: ModelSpec
+    params: DetectParams
+    threshold: float
+    scene_fit: SceneFit
+    fingerprint: str
+    timings: dict[str, float] = field(default_factory=dict)
+    warnings: list[str] = field(default_factory=list)
+
+
+def _hash_file(path: str, digest: "hashlib._Hash", chunk: int = 1 << 22) -> None:
+    with open(path, "rb") as fh:
+        while block := fh.read(chunk):
+            digest.update(block)
+
+
+def content_fingerprint(t1: Scene, t2: Scene, spec: ModelSpec, params: DetectParams) -> str:
+    """Hash of the input files' bytes, the model (checkpoint bytes or name+config) and every
+    parameter that changes predictions — not of paths, so renamed or moved inputs still match."""
+    digest = hashlib.blake2b(digest_size=16)
+    for scene in (t1, t2):
+        for path in dict.fromkeys(b.path for b in scene.bands):
+            _hash_file(path, digest)
+        digest.update(json.dumps([(b.name, b.index) for b in scene.bands]).encode())
+    if spec.checkpoint is not None:
+        _hash_file(str(spec.checkpoint), digest)
+    settings = {k: v for k, v in asdict(params).items() if k not in ("model", "threshold", "device", "threads", "max_pixels")}
+    settings["model"] = spec.name
+    digest.update(json.dumps(settings, sort_keys=True, default=str).encode())
+    return digest.hexdigest()
+
+
+def _model_label(params: DetectParams, spec: ModelSpec) -> str:
+    return params.model if params.model != DEFAULT_MODEL else (spec.checkpoint.stem if spec.checkpoint else spec.name)
+
+
+def open_inputs(t1: str | Path, t2: str | Path, params: DetectParams) -> tuple[Scene, Scene, ModelSpec]:
+    """Validate parameters, resolve the model and open both dates with the model's bands, in the
+    model's order (by band name for checkpoints with ``bands``, by declared role for ``channel_names``)."""
+    params.validate()
+    if params.model == DEFAULT_MODEL:
+        first = open_scene(t1, params.bands, params.nodata)
+        spec = auto_model(first.band_names, scene_roles(first))
+    else:
+        spec = resolve_model(params.model)
+    bands1 = bands2 = list(params.bands) if params.bands else None
+    if spec.bands is not None:
+        if bands1 is not None and [b.upper() for b in bands1] != [b.upper() for b in spec.bands[0]]:
+            raise ModelError(
+                f"model {params.model} was trained on bands {','.join(spec.bands[0])}; "
+                f"--bands {','.join(bands1)} does not match (omit --bands to let the model pick its bands)"
+            )
+        bands1, bands2 = spec.bands
+    scene1, scene2 = open_scene(t1, bands1, params.nodata), open_scene(t2, bands2, params.nodata)
+    roles = model_roles(spec.metadata.get("channel_names")) if spec.bands is None else None
+    if roles is not None:
+        label = _model_label(params, spec)
+        scene1, scene2 = order_for_model(scene1, roles, label, "t1"), order_for_model(scene2, roles, label, "t2")
+    spec.check_band_counts((scene1.count, scene2.count), (str(t1), str(t2)))
+    return scene1, scene2, spec
+
+
+def input_fingerprint(t1: str | Path, t2: str | Path, params: DetectParams) -> str:
+    """:func:`content_fingerprint` straight from paths (what a cache key needs before planning)."""
+    return content_fingerprint(*open_inputs(t1, t2, params), params)
+
+
+def _sample_pixels(
+    pair: AlignedPair, tiles: list[Tile], params: DetectParams, model: str, max_pixels: int = 200_000
+) -> tuple[np.ndarray, np.ndarray]:
+    """Valid pixel samples ``(N, C)`` of both dates from up to ``sample_tiles`` evenly spread tiles
+    (a random subset of each tile is kept, so memory stays at one tile). When those hold fewer than
+    :data:`MIN_SCENE_PIXELS` distinct valid pixels, every other tile is scanned; a scene that still
+    has fewer is refused: statistics (and CVA's Otsu threshold) of a handful of pixels mean nothing."""
+    picks = np.unique(np.linspace(0, len(tiles) - 1, min(params.sample_tiles, len(tiles))).astype(int))
+    per_tile = max(1, max_pixels // len(picks))
+    rng = np.random.default_rng(params.seed)
+    width = pair.grid.width
+    s1, s2, where = [], [], []
+
+    def keep(tile: Tile, x1: np.ndarray, x2: np.ndarray, valid: np.ndarray) -> None:
+        idx = np.flatnonzero(valid)
+        idx = np.sort(rng.choice(idx, per_tile, replace=False)) if len(idx) > per_tile else idx
+        rows, cols = np.divmod(idx, tile.width)
+        global_idx = (rows + tile.row_off) * width + cols + tile.col_off
+        new = ~np.isin(global_idx, np.concatenate(where)) if where else np.ones(len(idx), bool)
+        s1.append(x1.reshape(x1.shape[0], -1)[:, idx[new]].T)
+        s2.append(x2.reshape(x2.shape[0], -1)[:, idx[new]].T)
+        where.append(global_idx[new])
+
+    def count() -> int:
+        return sum(len(w) for w in where)
+
+    with PairReader(pair) as reader:
+        for i in picks:
+            keep(tiles[i], *reader.read(tiles[i].window))
+        for i, tile in enumerate(tiles):
+            if count() >= MIN_SCENE_PIXELS:
+                break
+            if i not in picks:
+                keep(tile, *reader.read(tile.window))
+    if count() == 0:
+        raise InputError("no valid pixel where t1 and t2 overlap (all nodata/NaN)")
+    if count() < MIN_SCENE_PIXELS:
+        raise InputError(
+            f"only {count()} valid pixels where t1 and t2 overlap: model {model} estimates scene statistics and "
+            f"needs at least {MIN_SCENE_PIXELS}; give a larger area or a model with stored statistics"
+        )
+    return np.concatenate(s1), np.concatenate(s2)
+
+
+def _check_model_input_size(pair: AlignedPair, predictor: TilePredictor, model: str) -> None:
+    smallest = predictor.min_input_size
+    if min(pair.grid.shape) < smallest:
+        raise InputError(
+            f"common grid of {pair.grid.height} x {pair.grid.width} px is smaller than the {smallest} px "
+            f"model {model} needs on each side (its encoder would see padding, not the scene)"
+        )
+
+
+def plan_run(t1: str | Path, t2: str | Path, params: DetectParams) -> RunPlan:
+    """Open both dates, resolve the model (choosing its bands), align, plan tiles, fit the scene.
+
+    Warnings raised while planning are shown and kept in :attr:`RunPlan.warnings`.
+    """
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        plan = _plan(t1, t2, params)
+    for w in caught:
+        warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+    plan.warnings.extend(dict.fromkeys(str(w.message) for w in caught))
+    return plan
+
+
+def _plan(t1: str | Path, t2: str | Path, params: DetectParams) -> RunPlan:
+    start = time.perf_counter()
+    scene1, scene2, spec = open_inputs(t1, t2, params)
+    pair = align_pair(scene1, scene2, params.crs, params.resolution, params.resampling, spec.heterogeneous)
+    pixels = pair.grid.height * pair.grid.width
+    if pixels > params.max_pixels:
+        raise InputError(
+            f"common grid of {pair.grid.height} x {pair.grid.width} px ({pixels / 1e9:.1f} Gpx) exceeds the limit of "
+            f"{params.max_pixels} px: check the inputs' declared size and --resolution, or raise --max-pixels"
+        )
+    label = _model_label(params, spec)
+    predictor = TilePredictor(spec, (scene1.count, scene2.count), params.device, params.runtime)
+    _check_model_input_size(pair, predictor, label)
+    tiles = plan_tiles(pair.grid.height, pair.grid.width, params.tile, params.overlap)
+    batches = [list(range(i, min(i + params.batch_size, len(tiles)))) for i in range(0, len(tiles), params.batch_size)]
+    threshold = params.threshold if params.threshold is not None else float(spec.metadata.get("threshold", 0.5))
+    timings = {"prepare_s": time.perf_counter() - start}
+    start = time.perf_counter()
+    if spec.per_scene_normalization:  # exact statistics of the whole scene, as in training
+        with PairReader(pair) as reader:
+            predictor.set_scene_statistics(date_statistics(reader.read, pair.grid.height, pair.grid.width))
+    if predictor.needs_samples:
+        predictor.fit_scene(*_sample_pixels(pair, tiles, params, label))
+    timings["sample_s"] = time.perf_counter() - start
+    start = time.perf_counter()
+    fingerprint = content_fingerprint(scene1, scene2, spec, params)
+    timings["fingerprint_s"] = time.perf_counter() - start
+    return RunPlan(pair, tiles, batches, spec, params, threshold, predictor.scene_fit(), fingerprint, timings)
+
+
+def open_tile_store(plan: RunPlan, root: str | Path) -> TileStore:
+    """The tile store of ``plan`` under ``root`` (reused when the fingerprint matches)."""
+    tile = plan.tiles[0]
+    return TileStore(Path(root) / plan.fingerprint, plan.fingerprint, len(plan.tiles), (tile.height, tile.width))

@@ -1,0 +1,303 @@
+"""Reliability cases: inputs, band identity, degenerate scenes, models and checkpoints, parameters.
+
+Each builder returns a :class:`~tests.reliability.Case` that must fail cleanly through the CLI (and,
+for some, the Prefect flow): see ``tests/test_reliability.py``.
+"""
+
+from __future__ import annotations
+
+import json
+import pickle
+import shutil
+
+import numpy as np
+import pytest
+from affine import Affine
+
+from changedet.weights import bundled_checkpoint
+from tests.conftest import write_raster
+from tests.reliability import Case, Ctx, Payload, case
+
+# ------------------------------------------------------------------------------------------------
+# inputs
+# ------------------------------------------------------------------------------------------------
+
+
+@case("missing file")
+def _(c: Ctx) -> Case:
+    return Case(c.args(c.tmp / "nope.tif"), "does not exist")
+
+
+@case("zero-byte file")
+def _(c: Ctx) -> Case:
+    (c.tmp / "zero.tif").write_bytes(b"")
+    return Case(c.args(c.tmp / "zero.tif"), "cannot read raster")
+
+
+@case("zero-size raster (0 x 0 px)")
+def _(c: Ctx) -> Case:
+    vrt = c.tmp / "empty.vrt"
+    vrt.write_text('<VRTDataset rasterXSize="0" rasterYSize="0"><VRTRasterBand dataType="Byte" band="1"/></VRTDataset>')
+    return Case(c.args(vrt), "empty.vrt")
+
+
+@case("corrupt tif")
+def _(c: Ctx) -> Case:
+    (c.tmp / "corrupt.tif").write_bytes(b"II*\x00" + b"\x13" * 200)
+    return Case(c.args(c.tmp / "corrupt.tif"), "corrupt.tif")
+
+
+@case("truncated tif")
+def _(c: Ctx) -> Case:
+    (c.tmp / "truncated.tif").write_bytes(c.t1.read_bytes()[:300])
+    return Case(c.args(c.tmp / "truncated.tif"), "truncated.tif")
+
+
+@case("huge size declared in a corrupt TIFF header")
+def _(c: Ctx) -> Case:
+    data = bytearray(write_raster(c.tmp / "small.tif", np.ones((3, 64, 64), np.uint16)).read_bytes())
+    ifd = int.from_bytes(data[4:8], "little")
+    for i in range(int.from_bytes(data[ifd : ifd + 2], "little")):
+        entry = ifd + 2 + 12 * i
+        if int.from_bytes(data[entry : entry + 2], "little") in (256, 257):  # ImageWidth, ImageLength (SHORT)
+            data[entry + 8 : entry + 10] = (65000).to_bytes(2, "little")
+    (c.tmp / "huge_header.tif").write_bytes(bytes(data))
+    return Case(c.args(c.tmp / "huge_header.tif", c.tmp / "huge_header.tif"), "huge_header.tif")
+
+
+@case("huge declared size (100000 x 100000 px)")
+def _(c: Ctx) -> Case:
+    vrt = (
+        '<VRTDataset rasterXSize="100000" rasterYSize="100000"><SRS>EPSG:32631</SRS>'
+        "<GeoTransform>500000, 10, 0, 5400000, 0, -10</GeoTransform>"
+        + "".join(
+            f'<VRTRasterBand dataType="UInt16" band="{b}"><SimpleSource><SourceFilename>{c.t1}</SourceFilename>'
+            f"<SourceBand>{b}</SourceBand></SimpleSource></VRTRasterBand>"
+            for b in (1, 2, 3)
+        )
+        + "</VRTDataset>"
+    )
+    (c.tmp / "huge.vrt").write_text(vrt)
+    return Case(c.args(c.tmp / "huge.vrt", c.tmp / "huge.vrt"), "--max-pixels")
+
+
+@case("empty folder")
+def _(c: Ctx) -> Case:
+    (c.tmp / "empty").mkdir()
+    return Case(c.args(c.tmp / "empty"), "no raster files")
+
+
+@case("band count mismatch")
+def _(c: Ctx) -> Case:
+    four = write_raster(c.tmp / "four.tif", np.ones((4, 64, 64), np.uint16))
+    return Case([*c.args(c.t1, four), "--model", "cva"], "band count")
+
+
+@case("band count the model does not take")
+def _(c: Ctx) -> Case:
+    four = write_raster(c.tmp / "four.tif", np.ones((4, 64, 64), np.uint16))
+    return Case([*c.args(c.t1, four), "--model", "rgb"], "takes 3 bands")
+
+
+@case("band names mismatch")
+def _(c: Ctx) -> Case:
+    folder = c.tmp / "renamed"
+    shutil.copytree(c.city / "imgs_2", folder)
+    next(folder.glob("*_B12.tif")).rename(folder / "x_B13.tif")
+    return Case(c.args(c.city / "imgs_1", folder), "B12")
+
+
+@case("crs on one side only")
+def _(c: Ctx) -> Case:
+    plain = write_raster(c.tmp / "plain.tif", np.ones((3, 64, 64), np.uint16), crs=None)
+    return Case(c.args(c.t1, plain), "georeference")
+
+
+@case("non-overlapping scenes")
+def _(c: Ctx) -> Case:
+    far = write_raster(c.tmp / "far.tif", np.ones((3, 64, 64), np.uint16), transform=Affine(10.0, 0, 900000.0, 0, -10.0, 5400000.0))
+    return Case(c.args(c.t1, far), "do not overlap")
+
+
+@case("one date all nodata")
+def _(c: Ctx) -> Case:
+    blank = write_raster(c.tmp / "blank.tif", np.zeros((3, 64, 64), np.uint16), nodata=0)
+    return Case(c.args(c.t1, blank), "no valid pixel")
+
+
+@case("one date all NaN")
+def _(c: Ctx) -> Case:
+    nan = write_raster(c.tmp / "nan.tif", np.full((3, 64, 64), np.nan, np.float32))
+    return Case(c.args(c.t1, nan), "no valid pixel")
+
+
+@case("one NaN band")
+def _(c: Ctx) -> Case:
+    data = np.random.default_rng(1).uniform(0, 1, (3, 64, 64)).astype(np.float32)
+    data[1] = np.nan
+    return Case(c.args(c.t1, write_raster(c.tmp / "nanband.tif", data)), "no valid pixel")
+
+
+@case("unknown band")
+def _(c: Ctx) -> Case:
+    return Case([*c.args(), "--bands", "B2,B99"], "B99")
+
+
+# ------------------------------------------------------------------------------------------------
+# degenerate scenes and band identity
+# ------------------------------------------------------------------------------------------------
+
+
+@case("single-pixel scene (cva needs scene statistics)")
+def _(c: Ctx) -> Case:
+    one = write_raster(c.tmp / "one.tif", np.arange(3, dtype=np.uint16).reshape(3, 1, 1) + 100)
+    return Case([*c.args(one, one), "--model", "cva"], "needs at least 100")
+
+
+@case("scene smaller than a CNN's stride")
+def _(c: Ctx) -> Case:
+    small = write_raster(c.tmp / "small.tif", np.random.default_rng(2).integers(0, 999, (3, 12, 12)).astype(np.uint16))
+    return Case([*c.args(small, small), "--model", "fc-siam-diff"], "smaller than the 16 px")
+
+
+@case("constant date against a varying one (cva)")
+def _(c: Ctx) -> Case:
+    flat = write_raster(c.tmp / "flat.tif", np.full((3, 64, 64), 500, np.uint16))
+    return Case([*c.args(flat, c.t2), "--model", "cva"], "constant")
+
+
+@case("bands whose roles the model does not take")
+def _(c: Ctx) -> Case:
+    folders = []
+    for date in ("imgs_1", "imgs_2"):
+        folder = c.tmp / f"bgn_{date}"
+        folder.mkdir()
+        for band in ("B02", "B03", "B08"):
+            shutil.copy(next((c.city / date).glob(f"*_{band}.tif")), folder)
+        folders.append(folder)
+    return Case([*c.args(*folders), "--model", "rgb"], "takes red, green, blue")
+
+
+@case("resolution in degrees coarser than the scene")
+def _(c: Ctx) -> Case:
+    return Case([*c.args(c.city / "imgs_1", c.city / "imgs_2"), "--model", "cva", "--resolution", "10"], "degree")
+
+
+# ------------------------------------------------------------------------------------------------
+# models and checkpoints
+# ------------------------------------------------------------------------------------------------
+
+
+@case("unknown model")
+def _(c: Ctx) -> Case:
+    return Case([*c.args(), "--model", "resnet-nonexistent"], "resnet-nonexistent")
+
+
+@case("malicious checkpoint (pickle payload)")
+def _(c: Ctx) -> Case:
+    evil = c.tmp / "evil.pt"
+    evil.write_bytes(pickle.dumps(Payload(c.tmp / "pwned")))
+    evil.with_suffix(".json").write_text('{"model": "cva", "config": {}}')
+    return Case([*c.args(), "--model", str(evil)], "refusing to load")
+
+
+@case("checkpoint without its metadata file")
+def _(c: Ctx) -> Case:
+    (c.tmp / "lonely.pt").write_bytes(b"\x00" * 16)
+    return Case([*c.args(), "--model", str(c.tmp / "lonely.pt")], "lonely.json")
+
+
+@case("not a safetensors checkpoint")
+def _(c: Ctx) -> Case:
+    (c.tmp / "fake.safetensors").write_bytes(b"\x00" * 64)
+    return Case([*c.args(), "--model", str(c.tmp / "fake.safetensors")], "not a changedet safetensors")
+
+
+@case("truncated checkpoint")
+def _(c: Ctx) -> Case:
+    good = bundled_checkpoint("oscd-s2").read_bytes()
+    (c.tmp / "cut.safetensors").write_bytes(good[: len(good) // 2])
+    return Case([*c.args(c.city / "imgs_1", c.city / "imgs_2"), "--model", str(c.tmp / "cut.safetensors")], "cannot load weights")
+
+def _checkpoint_with(c: Ctx, name: str, metadata: object) -> str:
+    """A ``.pt`` state dict with ``metadata`` as its JSON sidecar (``metadata`` a JSON text if str)."""
+    import torch
+
+    path = c.tmp / f"{name}.pt"
+    torch.save({}, path)
+    path.with_suffix(".json").write_text(metadata if isinstance(metadata, str) else json.dumps(metadata))
+    return str(path)
+
+
+@case("checkpoint metadata without model")
+def _(c: Ctx) -> Case:
+    return Case([*c.args(), "--model", _checkpoint_with(c, "nomodel", {"config": {}})], "no 'model'")
+
+
+@case("checkpoint metadata that is not an object")
+def _(c: Ctx) -> Case:
+    return Case([*c.args(), "--model", _checkpoint_with(c, "list", [1, 2])], "JSON object")
+
+
+@case("checkpoint sidecar that is not JSON")
+def _(c: Ctx) -> Case:
+    return Case([*c.args(), "--model", _checkpoint_with(c, "broken", "{not json")], "invalid checkpoint metadata")
+
+
+@case("checkpoint threshold stored as text")
+def _(c: Ctx) -> Case:
+    return Case([*c.args(), "--model", _checkpoint_with(c, "text", {"model": "cva", "threshold": "0.5"})], "'threshold'")
+
+
+@case("checkpoint config the model does not take")
+def _(c: Ctx) -> Case:
+    meta = {"model": "fc-siam-diff", "config": {"no_such_argument": 1}}
+    return Case([*c.args(), "--model", _checkpoint_with(c, "cfg", meta)], "no_such_argument")
+
+
+# ------------------------------------------------------------------------------------------------
+# parameters
+# ------------------------------------------------------------------------------------------------
+
+
+@case("overlap >= tile")
+def _(c: Ctx) -> Case:
+    return Case([*c.args(), "--tile", "64", "--overlap", "64"], "overlap")
+
+
+@case("threshold out of range")
+def _(c: Ctx) -> Case:
+    return Case([*c.args(), "--threshold", "1.5"], "--threshold")
+
+
+@case("invalid crs")
+def _(c: Ctx) -> Case:
+    return Case([*c.args(), "--crs", "EPSG:999999"], "EPSG:999999")
+
+
+@case("negative resolution")
+def _(c: Ctx) -> Case:
+    return Case([*c.args(), "--resolution", "-5"], "--resolution")
+
+
+@case("cuda without gpu")
+def _(c: Ctx) -> Case:
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("a CUDA device is present")
+    return Case([*c.args(), "--device", "cuda"], "cuda")
+
+
+for _device in ("mps", "xpu", "meta", "cpu:0"):
+    case(f"device {_device}")(lambda c, d=_device: Case([*c.args(), "--device", d], "unknown device"))
+
+
+@case("unparsable option value")
+def _(c: Ctx) -> Case:
+    return Case([*c.args(), "--tile", "x"], "invalid int value")
+
+
+@case("tile below the minimum")
+def _(c: Ctx) -> Case:
+    return Case([*c.args(), "--tile", "8"], "at least 16")
