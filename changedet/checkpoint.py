@@ -16,6 +16,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from changedet.errors import ModelError
+from changedet.io.writers import writing
 
 METADATA_KEY = "changedet"
 
@@ -26,8 +27,9 @@ def save_checkpoint(path: str | Path, model: torch.nn.Module, metadata: dict[str
         raise ValueError("checkpoint metadata needs 'model' (registry name) and 'config' (builder kwargs)")
     state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
     tmp = Path(f"{path}.tmp")
-    save_file(state, str(tmp), metadata={METADATA_KEY: json.dumps(metadata)})
-    tmp.replace(path)
+    with writing(tmp):  # a full disk: OSError naming the file (exit 1), and the previous checkpoint kept
+        save_file(state, str(tmp), metadata={METADATA_KEY: json.dumps(metadata)})
+        tmp.replace(path)
 
 
 def _check_names(value: Any, what: str) -> None:

@@ -9,14 +9,10 @@ import sys
 import warnings
 from typing import TYPE_CHECKING, Sequence
 
-from changedet.failures import ErrorLineParser, command_main
+from changedet.failures import ErrorLineParser, comma_list, command_main
 
 if TYPE_CHECKING:
     from changedet.evaluation.runs import EvaluationConfig
-
-
-def _bands(value: str) -> list[str]:
-    return [v.strip() for v in value.split(",") if v.strip()]
 
 
 def _add_detect(sub: argparse._SubParsersAction) -> None:
@@ -34,7 +30,7 @@ def _add_detect(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--threshold", type=float, default=None, help="probability threshold (default: model's, else 0.5)")
     p.add_argument("--crs", default=None, help="target CRS, e.g. EPSG:32631 (default: t1's)")
     p.add_argument("--resolution", type=float, default=None, help="target pixel size in CRS units (default: t1's finest)")
-    p.add_argument("--bands", type=_bands, default=None, help="comma-separated band names or 1-based indexes")
+    p.add_argument("--bands", type=comma_list, default=None, help="comma-separated band names or 1-based indexes")
     p.add_argument("--nodata", type=float, default=None, help="nodata value for inputs that declare none")
     p.add_argument("--resampling", default="bilinear", help="resampling for up-sampled bands (default bilinear)")
     p.add_argument("--blend", default="cosine", choices=["cosine", "mean"], help="overlap blending (default cosine)")
@@ -143,14 +139,14 @@ def _run_models(args: argparse.Namespace) -> int:
 
 
 def _floats(value: str) -> list[float]:
-    return [float(v) for v in _bands(value)]
+    return [float(v) for v in comma_list(value)]
 
 
 def _add_evaluation_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", required=True, help="dataset root (OSCD, LEVIR-CD or pair folders), e.g. ../shared/data/oscd")
     p.add_argument("--out", required=True, help="report folder (report.json, report.md, plot)")
     p.add_argument("--model", action="append", default=None, help="trained checkpoint or bundled name (repeatable; default oscd-s2)")
-    p.add_argument("--scenes", type=_bands, default=None, help="comma-separated labelled scenes (default: the model's validation scenes)")
+    p.add_argument("--scenes", type=comma_list, default=None, help="comma-separated labelled scenes (default: the model's validation scenes)")
     p.add_argument("--tile", type=int, default=256, help="tile size in pixels (default 256)")
     p.add_argument("--overlap", type=int, default=32, help="tile overlap in pixels (default 32)")
     p.add_argument("--batch-size", type=int, default=8, help="tiles per model call (default 8)")
@@ -163,8 +159,8 @@ def _add_robustness(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("robustness", help="F1 under FGSM/PGD attacks per budget and mode (optionally after PGD fine-tuning)")
     _add_evaluation_common(p)
     p.add_argument("--eps", type=_floats, default=[0, 1, 2, 4, 8], help="L-inf budgets in 1/255 reflectance (default 0,1,2,4,8)")
-    p.add_argument("--modes", type=_bands, default=None, help="t1,t2,both (untargeted), hide, fake (default: all)")
-    p.add_argument("--methods", type=_bands, default=None, help="fgsm,pgd (default: both)")
+    p.add_argument("--modes", type=comma_list, default=None, help="t1,t2,both (untargeted), hide, fake (default: all)")
+    p.add_argument("--methods", type=comma_list, default=None, help="fgsm,pgd (default: both)")
     p.add_argument("--steps", type=int, default=10, help="PGD steps (default 10)")
     p.add_argument("--step-size", type=float, default=None, help="PGD step in 1/255 units (default 2.5 eps / steps)")
     p.add_argument("--random-start", action="store_true", help="PGD from a random point of the eps-ball")
@@ -176,9 +172,9 @@ def _add_robustness(sub: argparse._SubParsersAction) -> None:
 def _add_domain_shift(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("domain-shift", help="F1 and calibration under radiometric/geometric shifts, with AdaBN / histogram matching")
     _add_evaluation_common(p)
-    p.add_argument("--shifts", type=_bands, default=None, help="comma-separated shifts (default: all registered)")
+    p.add_argument("--shifts", type=comma_list, default=None, help="comma-separated shifts (default: all registered)")
     p.add_argument("--severities", type=_floats, default=[1, 2, 3, 4, 5], help="severities (default 1,2,3,4,5)")
-    p.add_argument("--adaptations", type=_bands, default=None, help="none,adabn,histmatch (default: all)")
+    p.add_argument("--adaptations", type=comma_list, default=None, help="none,adabn,histmatch (default: all)")
     p.add_argument("--dates", default="t2", choices=["t2", "both"], help="dates the shift applies to (default t2)")
 
 

@@ -42,6 +42,14 @@ class ErrorLineParser(argparse.ArgumentParser):
         raise SystemExit(EXIT_INPUT)
 
 
+def comma_list(value: str) -> list[str]:
+    """An argparse type: ``"B04, B03,B02"`` -> ``["B04", "B03", "B02"]``; an empty list is an error."""
+    names = [v.strip() for v in value.split(",") if v.strip()]
+    if not names:
+        raise argparse.ArgumentTypeError(f"expected comma-separated names, got {value!r}")
+    return names
+
+
 def _first_line(exc: BaseException) -> str:
     text = str(exc).strip()
     return text.splitlines()[0] if text else type(exc).__name__
@@ -110,6 +118,9 @@ def command_main(argv: Sequence[str] | None, work: Callable[[list[str]], int], l
     args = [a for a in args if a != "--debug"]
     if not debug:
         drop_tracebacks(list(loggers))
+        # zarr writes chunks in asyncio tasks: when one fails (a full disk), its siblings' failures are
+        # logged as "Task exception was never retrieved" after our error line has said it all
+        logging.getLogger("asyncio").setLevel(logging.CRITICAL)
     return run_command(lambda: work(args), debug)
 
 

@@ -30,6 +30,7 @@ from changedet.tiling import Tile, plan_tiles, validate_tiling
 from changedet.tilestore import TileStore
 
 MIN_SCENE_PIXELS = 100  # valid pixels a model needs to estimate scene statistics (CVA's Otsu, per-scene norms)
+SCALE_DECADES = 1.0  # refuse a date whose typical band level is more than 10x off the model's training data
 
 
 @dataclass
@@ -191,6 +192,36 @@ def _check_model_input_size(pair: AlignedPair, predictor: TilePredictor, model: 
         )
 
 
+def _check_radiometry(pair: AlignedPair, tiles: list[Tile], spec: ModelSpec, model: str) -> None:
+    """Refuse a date on another radiometric scale than the checkpoint's training data (e.g. reflectance
+    0–1 or 8-bit values given to a model trained on Sentinel-2 digital numbers): the median over bands
+    of ``log10(scene median / training mean)``, from up to 4 spread tiles, must stay within
+    :data:`SCALE_DECADES`. Checkpoints with per-scene statistics, or non-positive training means (SAR in
+    dB, standardised inputs), are not checked."""
+    norm = spec.metadata.get("normalization")
+    if not isinstance(norm, dict):
+        return
+    picks = np.unique(np.linspace(0, len(tiles) - 1, min(4, len(tiles))).astype(int))
+    with PairReader(pair) as reader:
+        reads = [reader.read(tiles[i].window) for i in picks]
+    for d, (date, scene) in enumerate((("t1", pair.t1), ("t2", pair.t2))):
+        mean = np.asarray(norm[date]["mean"], np.float64)
+        values = np.concatenate([r[d][:, r[2]] for r in reads], axis=1)
+        if (mean <= 0).any() or values.shape[1] == 0 or len(mean) != values.shape[0]:
+            continue
+        level = np.median(values, axis=1)
+        decades = np.log10(np.maximum(level, 1e-12) / mean)
+        off = float(np.median(decades))
+        if abs(off) > SCALE_DECADES:
+            band = int(np.argmin(np.abs(decades - off)))
+            raise InputError(
+                f"{date} is on another radiometric scale than the data model {model} was trained on: its band levels "
+                f"are about {10 ** abs(off):.3g}x {'lower' if off < 0 else 'higher'} (median {scene.band_names[band]} "
+                f"{level[band]:.4g}, training mean {mean[band]:.4g}); give it in the model's units (the bundled "
+                "Sentinel-2 model takes L1C digital numbers, reflectance x 10000)"
+            )
+
+
 def plan_run(t1: str | Path, t2: str | Path, params: DetectParams) -> RunPlan:
     """Open both dates, resolve the model (choosing its bands), align, plan tiles, fit the scene.
 
@@ -219,6 +250,7 @@ def _plan(t1: str | Path, t2: str | Path, params: DetectParams) -> RunPlan:
     predictor = TilePredictor(spec, (scene1.count, scene2.count), params.device, params.runtime)
     _check_model_input_size(pair, predictor, label)
     tiles = plan_tiles(pair.grid.height, pair.grid.width, params.tile, params.overlap)
+    _check_radiometry(pair, tiles, spec, label)
     batches = [list(range(i, min(i + params.batch_size, len(tiles)))) for i in range(0, len(tiles), params.batch_size)]
     threshold = params.threshold if params.threshold is not None else float(spec.metadata.get("threshold", 0.5))
     timings = {"prepare_s": time.perf_counter() - start}

@@ -41,7 +41,7 @@ from changedet.detect import (
     write_outputs,
 )
 from changedet.errors import ChangeDetError
-from changedet.failures import ErrorLineParser, command_main
+from changedet.failures import ErrorLineParser, comma_list, command_main
 from changedet.inbox import PairJob, discover_pairs, outputs_current
 from changedet.io.outdir import OutputLock, check_out_dir
 from changedet.io.writers import OutputStaging
@@ -234,7 +234,7 @@ def build_parser() -> ErrorLineParser:
     run.add_argument("--threshold", type=float, default=None)
     run.add_argument("--crs", default=None)
     run.add_argument("--resolution", type=float, default=None)
-    run.add_argument("--bands", type=lambda v: [b.strip() for b in v.split(",") if b.strip()], default=None)
+    run.add_argument("--bands", type=comma_list, default=None)
     run.add_argument("--nodata", type=float, default=None)
     run.add_argument("--resampling", default=DetectParams.resampling)
     run.add_argument("--blend", default=DetectParams.blend)

@@ -12,6 +12,7 @@ import shutil
 
 import numpy as np
 import pytest
+import rasterio
 from affine import Affine
 
 from changedet.weights import bundled_checkpoint
@@ -178,6 +179,16 @@ def _(c: Ctx) -> Case:
     return Case([*c.args(*folders), "--model", "rgb"], "takes red, green, blue")
 
 
+@case("date on another radiometric scale than the model's training data")
+def _(c: Ctx) -> Case:
+    reflectance = c.tmp / "reflectance"
+    reflectance.mkdir()
+    for band in (c.city / "imgs_2").glob("*.tif"):
+        with rasterio.open(band) as src:
+            write_raster(reflectance / band.name, src.read().astype(np.float32) / 10000, crs=src.crs, transform=src.transform)
+    return Case([*c.args(c.city / "imgs_1", reflectance), "--model", "oscd-s2"], "t2 is on another radiometric scale")
+
+
 @case("resolution in degrees coarser than the scene")
 def _(c: Ctx) -> Case:
     return Case([*c.args(c.city / "imgs_1", c.city / "imgs_2"), "--model", "cva", "--resolution", "10"], "degree")
@@ -291,6 +302,16 @@ def _(c: Ctx) -> Case:
 
 for _device in ("mps", "xpu", "meta", "cpu:0"):
     case(f"device {_device}")(lambda c, d=_device: Case([*c.args(), "--device", d], "unknown device"))
+
+
+@case("a band selected twice")
+def _(c: Ctx) -> Case:
+    return Case([*c.args(), "--bands", "B1,B2,B1", "--model", "cva"], "more than once")
+
+
+@case("empty band selection")
+def _(c: Ctx) -> Case:
+    return Case([*c.args(), "--bands", " , "], "comma-separated names")
 
 
 @case("unparsable option value")

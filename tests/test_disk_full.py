@@ -149,6 +149,29 @@ def test_full_disk_sweep_fails_cleanly(tmpfs, pairs, earlier_outputs):
     assert "tile store" in seen and seen & {"scratch raster", "COG"} and seen & {"GeoPackage", "run.json"}, stages
 
 
+def test_full_disk_through_the_prefect_flow_fails_cleanly(tmpfs, pairs, earlier_outputs):
+    """The same fault through ``python flows/detect.py run``: the write task runs on a Dask worker,
+    its OSError comes back to the flow, is not retried (a full disk stays full), and is one line."""
+    before = _snapshot(earlier_outputs)
+    size = sum(-(-len(data) // PAGE) * PAGE for data in before.values())
+    out = tmpfs / "out"
+    shutil.copytree(earlier_outputs, out)
+    stat = os.statvfs(tmpfs)
+    (tmpfs / "filler").write_bytes(b"\0" * (stat.f_bavail * stat.f_frsize - int(1.7 * size)))
+    command = [sys.executable, "flows/detect.py", "run", "--t1", str(pairs["new"][0]), "--t2", str(pairs["new"][1]),
+               "--out", str(out), "--model", "cva", "--tile", "32", "--overlap", "8", "--overwrite"]
+    result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=600,
+                            env={**os.environ, "PYTHONPATH": str(REPO), "PREFECT_SERVER_ANALYTICS_ENABLED": "false"})
+    assert "Traceback" not in result.stderr and "Retry" not in result.stderr, result.stderr
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+    assert result.returncode == 1 and len(errors) == 1, result.stderr
+    assert errors[0].startswith(f"error: {os.strerror(errno.ENOSPC)}: {out}"), errors[0]
+    after = _snapshot(out)
+    assert {name: after.get(name) for name in before} == before, "earlier outputs changed"
+    assert not [name for name in after if name not in before and not name.startswith(TILE_STORE_DIR + "/")]
+    assert not list(out.glob(".changedet-staging-*"))
+
+
 def test_file_size_limit_sweep_fails_cleanly(tmp_path, pairs, earlier_outputs):
     before = _snapshot(earlier_outputs)
     cog, gpkg = len(before["change_probability.tif"]), len(before["changes.gpkg"])

@@ -172,6 +172,9 @@ def select_bands(bands: Sequence[BandSource], selection: Sequence[str | int], so
         else:
             described = [f"{b.name} ({b.description})" if b.description else b.name for b in bands]
             raise InputError(f"band {key!r} not found in {source}; available: {', '.join(described)}")
+    twice = sorted({b.name for b in chosen if chosen.count(b) > 1})
+    if twice:
+        raise InputError(f"band {', '.join(twice)} selected more than once from {source}: each band may be chosen once")
     return tuple(chosen)
 
 

@@ -20,11 +20,12 @@ from changedet.data.scenes import ChangeScene, discover_scenes, open_scenes
 from changedet.data.splits import describe_split, split_by_groups
 from changedet.data.stats import PER_SCENE, compute_normalization, per_scene_normalization
 from changedet.errors import InputError
+from changedet.io.writers import write_text
 from changedet.losses import build_loss
 from changedet.models import ChangeModel, create_model
 from changedet.train.config import TrainConfig, load_train_config, merge_overrides
 from changedet.train.simsiam import load_encoder_weights, pretrain_simsiam
-from changedet.train.trainer import TrainResult, Trainer, TrainSettings, checkpoint_metadata, pick_device
+from changedet.train.trainer import Trainer, TrainResult, TrainSettings, checkpoint_metadata, pick_device
 
 log = logging.getLogger(__name__)
 
@@ -145,7 +146,7 @@ def train_from_config(config: str | Path | TrainConfig, overrides: dict[str, Any
         cfg = load_train_config(config, overrides=overrides)
     out_dir = Path(cfg.output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "train_config.json").write_text(json.dumps(cfg.model_dump(mode="json"), indent=2))
+    write_text(out_dir / "train_config.json", json.dumps(cfg.model_dump(mode="json"), indent=2))
     data = prepare_data(cfg)
     model = build_model(cfg, data.in_channels)
     pretraining = pretrain_encoder(cfg, model, data, out_dir)
@@ -175,7 +176,7 @@ def train_from_config(config: str | Path | TrainConfig, overrides: dict[str, Any
     )  # fmt: skip
     result = trainer.fit()
     result.pretraining = pretraining
-    (out_dir / "result.json").write_text(json.dumps(result.to_dict(), indent=2))
+    write_text(out_dir / "result.json", json.dumps(result.to_dict(), indent=2))
     for scene in data.train + data.val + data.unlabelled:
         scene.close()
     return result

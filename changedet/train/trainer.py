@@ -41,6 +41,7 @@ from changedet.data.datasets import PatchDataset, collate_patches
 from changedet.data.scenes import ChangeScene
 from changedet.data.stats import checkpoint_normalization
 from changedet.errors import ChangeDetError, ModelError
+from changedet.io.writers import write_text
 from changedet.losses import ChangeLoss, CompositeLoss
 from changedet.models import ChangeModel
 from changedet.train.evaluation import ValidationResult, evaluate_scenes
@@ -304,7 +305,7 @@ class Trainer:
             "config": self.model_config,
         }
         tmp = self.out_dir / f"{STATE}.tmp"
-        tmp.write_text(json.dumps(_json_safe(state), indent=2))
+        write_text(tmp, json.dumps(_json_safe(state), indent=2))
         tmp.replace(self.out_dir / STATE)
 
     def _save_last(self, metrics: dict[str, Any] | None, threshold: float) -> None:
