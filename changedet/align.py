@@ -24,6 +24,7 @@ from rasterio.windows import Window
 
 from changedet.errors import GridError, InputError
 from changedet.grid import Grid
+from changedet.io.bands import same_roles
 from changedet.io.scene import BandSource, Scene, open_raster
 
 RESAMPLING_CHOICES = ("nearest", "bilinear", "cubic", "average", "lanczos")
@@ -33,7 +34,8 @@ RESAMPLING_CHOICES = ("nearest", "bilinear", "cubic", "average", "lanczos")
 class AlignedPair:
     """Two scenes and the common ``grid`` they are read on.
 
-    ``reference`` is t1's grid before intersection (the OSCD label grid, for instance).
+    ``reference`` is t1's own finest band grid, before intersection, reprojection or flipping to north-up
+    (the grid of a label without CRS, such as OSCD's ``cm.tif``).
     """
 
     t1: Scene
@@ -67,7 +69,7 @@ def _check_bands(t1: Scene, t2: Scene, allow_different_bands: bool) -> None:
             f"({_band_list(t2)}); select common bands with --bands, or use a pseudo-Siamese model for "
             "heterogeneous pairs (e.g. --model pseudo-siamese-fc)"
         )
-    if t1.band_names != t2.band_names:
+    if t1.band_names != t2.band_names and not same_roles(t1, t2):
         diff = [f"{a}!={b}" for a, b in zip(t1.band_names, t2.band_names) if a != b]
         raise InputError(f"band names differ between dates: {', '.join(diff)}")
 
@@ -190,7 +192,7 @@ def align_pair(
     grid = reference.reprojected(target_crs, resolution)
     for band in t1.bands + t2.bands:
         grid = grid.clip_to_bounds(band.grid.bounds_in(grid.crs))
-    return AlignedPair(t1, t2, grid, reference if grid.same_lattice(reference) else grid, resampling)
+    return AlignedPair(t1, t2, grid, reference, resampling)
 
 
 class _FileReader:

@@ -88,6 +88,8 @@ def validate_metadata(metadata: Any) -> dict[str, Any]:
 def read_metadata(path: str | Path) -> dict[str, Any]:
     """The validated JSON metadata of a checkpoint, without loading tensors (:class:`ModelError` otherwise)."""
     path = Path(path)
+    if path.is_dir():
+        raise ModelError(f"checkpoint {path} is a folder: give a .safetensors (or .pt with its .json) file")
     if not path.is_file():
         raise ModelError(f"checkpoint {path} does not exist")
     if path.suffix in (".pt", ".pth"):

@@ -5,8 +5,8 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import sys
-import warnings
 from typing import TYPE_CHECKING, Sequence
 
 from changedet.failures import ErrorLineParser, comma_list, command_main
@@ -118,8 +118,8 @@ def _run_evaluate(args: argparse.Namespace) -> int:
 
     ignore = set(args.ignore_value) if args.ignore_value else None
     metrics = evaluate_mask(args.pred, args.label, args.change_value, ignore)
-    if args.json:
-        print(json.dumps(metrics, indent=2))
+    if args.json:  # strict JSON: an undefined metric (no positive pixel) is null, not NaN
+        print(json.dumps({k: None if isinstance(v, float) and math.isnan(v) else v for k, v in metrics.items()}, indent=2))
     else:
         for key in ("precision", "recall", "f1", "iou", "oa", "kappa"):
             print(f"{key:>9}  {metrics[key]:.4f}")
@@ -235,7 +235,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point; returns the exit status with one ``error: <reason>`` line on stderr
     (statuses in :mod:`changedet.failures`: 1 system, 2 bad input, 3 internal, 75 busy, 130 interrupted)."""
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s")
-    warnings.formatwarning = lambda msg, cat, *a, **k: f"warning: {msg}\n"
     runners = {"detect": _run_detect, "evaluate": _run_evaluate, "train": _run_train, "models": _run_models,
                "robustness": _run_robustness, "domain-shift": _run_domain_shift}
 

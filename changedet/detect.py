@@ -128,6 +128,7 @@ def detect_changes(
     params = params or DetectParams()
     start = time.perf_counter()
     check_out_dir(out_dir, (t1, t2), OUTPUT_NAMES)
+    out_dir = Path(out_dir).absolute()  # every writer (GDAL, SQLite) sees the same path: no "~" expansion
     plan = plan_run(t1, t2, params)
     with OutputLock(out_dir):
         OutputStaging.check(out_dir, OUTPUT_NAMES, overwrite)

@@ -40,7 +40,13 @@ def infer_label_coding(values: set[int]) -> tuple[int, set[int]]:
     """``(change_value, ignore_values)`` from the label's distinct values.
 
     ``{0,1}`` -> change 1; ``{1,2}`` (OSCD ``cm.tif``) -> change 2, 0 ignored; ``{0,255}`` -> change 255.
+    ``{1}`` and ``{0,2}`` fit two codings and are refused (:class:`InputError`: pass ``--change-value``).
     """
+    if values in ({1}, {0, 2}):  # all no change under OSCD or all change under 0/1; OSCD without no-change or 0/2
+        raise InputError(
+            f"the label coding is ambiguous: its only values are {sorted(values)}; pass --change-value "
+            "(and --ignore-value for unknown pixels)"
+        )
     if values <= {0, 1}:
         return 1, set()
     if values <= {0, 1, 2}:
@@ -50,9 +56,9 @@ def infer_label_coding(values: set[int]) -> tuple[int, set[int]]:
     raise InputError(f"cannot infer the label coding from its values {sorted(values)[:10]}; pass --change-value")
 
 
-def _no_change(change_value: float) -> int:
-    """The label value meaning "no change" for a coding: 1 when change is 2 (OSCD), else 0."""
-    return 1 if change_value == 2 else 0
+def _no_change(change_value: float, values: set) -> int:
+    """The label value meaning "no change": 1 when change is 2 and the label has 1s (OSCD), else 0."""
+    return 1 if change_value == 2 and 1 in values else 0
 
 
 def _shape(grid: Grid) -> str:
@@ -153,7 +159,7 @@ def _check_prediction(pred: DatasetReader, name: str, windows: list[Window]) -> 
 
 def _check_coding(name: str, values: set, change_value: float, ignore: set, nodata: float | None) -> None:
     """:class:`InputError` when the label's valid values do not fit ``change_value`` / no-change / ignored."""
-    no_change = _no_change(change_value)
+    no_change = _no_change(change_value, values)
     for role, value in (("change", change_value), ("no-change", no_change)):
         if nodata is not None and nodata == value and value not in ignore:
             raise InputError(
@@ -182,6 +188,24 @@ def _confusion(counts: dict[Any, np.ndarray], change_value: float, ignore: set) 
     return confusion, ignored
 
 
+def _label_values(label: DatasetReader, most: int = 64) -> set:
+    """The distinct valid values of the whole label (not only under the prediction: a label's coding
+    is a property of the label), streamed by strips; stops after ``most`` distinct values."""
+    values: set = set()
+    for row in range(0, label.height, STRIP):
+        window = Window(0, row, label.width, min(STRIP, label.height - row))
+        data = label.read(1, window=window)
+        valid = label.read_masks(1, window=window) != 0
+        if label.nodata is not None:
+            valid &= ~(np.isnan(data) if np.isnan(label.nodata) else data == label.nodata)
+        if data.dtype.kind == "f":
+            valid &= np.isfinite(data)
+        values |= set(np.unique(data[valid]).tolist())
+        if len(values) > most:
+            break
+    return values
+
+
 def evaluate_mask(
     pred_path: str | Path,
     label_path: str | Path,
@@ -196,11 +220,12 @@ def evaluate_mask(
     A label without CRS lies on t1's grid recorded in the ``run.json`` next to the prediction (OSCD
     ``cm.tif``), or, without ``run.json``, on the prediction's grid when the shapes match (warned).
 
-    The coding is inferred from the label's valid values under the prediction's footprint
-    (:func:`infer_label_coding`; nodata and masked pixels never count) unless
+    The coding is inferred from the valid values of the whole label (:func:`infer_label_coding`;
+    nodata and masked pixels never count; ambiguous sets are refused) unless
     ``change_value`` is given; ``ignore_values`` replaces the inferred ignored values. The no-change
-    value is 1 when change is 2, else 0. Refused: valid label values that are neither change, no-change
-    nor ignored (a wrong ``change_value``), a declared nodata equal to the change or no-change value,
+    value is 1 when change is 2 and the label has 1s, else 0. Refused: valid label values that are neither
+    change, no-change nor ignored (a wrong ``change_value``), a declared nodata equal to the change or
+    no-change value, a change value that is also ignored,
     and no shared valid pixel. A change value absent from the label is allowed (no change there).
 
     Besides the metrics, the dict has ``change_value``, ``ignore_values``, ``scored_pixels``,
@@ -228,10 +253,20 @@ def evaluate_mask(
             for value, n in zip(values.tolist(), per_value):
                 counts[value] = counts.get(value, 0) + n
         nodata = label.nodata
+        label_values = _label_values(label) if change_value is None else set()
     if change_value is None and counts:
-        change_value, inferred_ignore = infer_label_coding(set(counts))
+        if nodata is not None and nodata in (0, 1, 2, 255):  # a mask whose nodata is one of its own classes
+            try:
+                coding = infer_label_coding(label_values | {nodata})
+            except InputError:
+                coding = None
+            if coding is not None:
+                _check_coding(label_path.name, set(), *coding, nodata)
+        change_value, inferred_ignore = infer_label_coding(label_values)
         ignore_values = inferred_ignore if ignore_values is None else ignore_values
     ignore = set(ignore_values or ())
+    if change_value in ignore:
+        raise InputError(f"--change-value {change_value:g} is also an --ignore-value: a value is either change or ignored")
     if counts:
         _check_coding(label_path.name, set(counts), change_value, ignore, nodata)
     confusion, ignored = _confusion(counts, change_value, ignore)

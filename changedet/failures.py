@@ -20,6 +20,7 @@ import argparse
 import logging
 import sys
 import traceback
+import warnings
 from typing import Callable, NoReturn, Sequence
 
 from changedet.errors import BusyError, ChangeDetError
@@ -112,8 +113,10 @@ def run_command(work: Callable[[], int], debug: bool = False) -> int:
 
 def command_main(argv: Sequence[str] | None, work: Callable[[list[str]], int], loggers: Sequence[str] = ()) -> int:
     """Run a command line's ``work(argv)``: ``--debug`` (anywhere) is taken out of ``argv`` and turns
-    tracebacks on; otherwise log records of ``loggers`` (and the root logger) lose their tracebacks."""
+    tracebacks on; otherwise log records of ``loggers`` (and the root logger) lose their tracebacks.
+    Warnings print as one ``warning: <message>`` line."""
     args = list(sys.argv[1:] if argv is None else argv)
+    warnings.formatwarning = lambda message, *_, **__: f"warning: {message}\n"
     debug = "--debug" in args
     args = [a for a in args if a != "--debug"]
     if not debug:

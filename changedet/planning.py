@@ -23,7 +23,7 @@ import numpy as np
 from changedet.align import AlignedPair, PairReader, align_pair
 from changedet.data.stats import date_statistics
 from changedet.errors import ChangeDetError, InputError, ModelError
-from changedet.io.bands import model_roles, order_for_model, scene_roles
+from changedet.io.bands import model_roles, order_for_model, order_like, scene_roles
 from changedet.io.scene import Scene, open_scene
 from changedet.predictor import DEFAULT_MODEL, ModelSpec, SceneFit, TilePredictor, auto_model, resolve_model
 from changedet.tiling import Tile, plan_tiles, validate_tiling
@@ -126,6 +126,8 @@ def open_inputs(t1: str | Path, t2: str | Path, params: DetectParams) -> tuple[S
             )
         bands1, bands2 = spec.bands
     scene1, scene2 = open_scene(t1, bands1, params.nodata), open_scene(t2, bands2, params.nodata)
+    if not spec.heterogeneous:  # band-by-band models: t2's bands in t1's order by declared role
+        scene2 = order_like(scene1, scene2)
     roles = model_roles(spec.metadata.get("channel_names")) if spec.bands is None else None
     if roles is not None:
         label = _model_label(params, spec)
@@ -232,7 +234,7 @@ def plan_run(t1: str | Path, t2: str | Path, params: DetectParams) -> RunPlan:
         plan = _plan(t1, t2, params)
     for w in caught:
         warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
-    plan.warnings.extend(dict.fromkeys(str(w.message) for w in caught))
+    plan.warnings.extend(dict.fromkeys(str(w.message) for w in caught if issubclass(w.category, UserWarning)))
     return plan
 
 

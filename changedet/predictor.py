@@ -73,10 +73,10 @@ class ModelSpec:
             if count != want:
                 names = self.metadata.get("channel_names")
                 what = f" ({', '.join(names)}, in that order)" if names else ""
-                raise ModelError(
-                    f"model {self.checkpoint.name if self.checkpoint else self.name} takes {want} bands{what}; "
-                    f"t{date} {source} has {count}: choose them with --bands (names or 1-based indices, e.g. --bands 1,2,3)"
-                )
+                hint = (f"choose them with --bands (names or 1-based indices, e.g. --bands {','.join(map(str, range(1, want + 1)))})"
+                        if count > want else "give a scene with those bands")
+                raise ModelError(f"model {self.checkpoint.name if self.checkpoint else self.name} takes {want} bands{what}; "
+                                 f"t{date} {source} has {count}: {hint}")
 
     @property
     def heterogeneous(self) -> bool:

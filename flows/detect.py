@@ -259,6 +259,8 @@ def _run(args: argparse.Namespace) -> int:
     if args.workers < 1:
         raise ChangeDetError(f"--workers must be >= 1, got {args.workers}")
     threads = args.threads or (None if args.dask_address else max(1, (os.cpu_count() or 1) // args.workers))
+    if args.out.strip():  # absolute: every writer (GDAL, SQLite) sees the same path, no "~" expansion
+        args.out = str(Path(args.out).absolute())
     options = {k: getattr(args, k) for k in ("t1", "t2", "out", "model", "tile", "overlap", "threshold", "crs", "resolution",
                                              "bands", "nodata", "resampling", "blend", "max_pixels", "batch_size",
                                              "device", "runtime", "overwrite")}

@@ -189,6 +189,29 @@ def _(c: Ctx) -> Case:
     return Case([*c.args(c.city / "imgs_1", reflectance), "--model", "oscd-s2"], "t2 is on another radiometric scale")
 
 
+@case("complex-valued bands")
+def _(c: Ctx) -> Case:
+    rng = np.random.default_rng(6)
+    data = (rng.normal(1000, 50, (2, 32, 32)) + 1j * rng.normal(0, 50, (2, 32, 32))).astype(np.complex64)
+    return Case(c.args(write_raster(c.tmp / "slc.tif", data), write_raster(c.tmp / "slc2.tif", data)), "complex-valued")
+
+
+@case("--nodata that the band type cannot hold")
+def _(c: Ctx) -> Case:
+    return Case([*c.args(), "--nodata", "1e40"], "cannot occur")
+
+
+@case("band roles that differ between dates")
+def _(c: Ctx) -> Case:
+    dates = []
+    for name, roles in (("roles1.tif", ("red", "green", "blue")), ("roles2.tif", ("red", "green", "nir"))):
+        path = write_raster(c.tmp / name, np.random.default_rng(8).integers(100, 4000, (3, 64, 64)).astype(np.uint16))
+        with rasterio.open(path, "r+") as dst:
+            dst.descriptions = roles
+        dates.append(path)
+    return Case([*c.args(*dates), "--model", "cva"], "band roles differ between dates")
+
+
 @case("resolution in degrees coarser than the scene")
 def _(c: Ctx) -> Case:
     return Case([*c.args(c.city / "imgs_1", c.city / "imgs_2"), "--model", "cva", "--resolution", "10"], "degree")
@@ -197,6 +220,11 @@ def _(c: Ctx) -> Case:
 # ------------------------------------------------------------------------------------------------
 # models and checkpoints
 # ------------------------------------------------------------------------------------------------
+
+
+@case("checkpoint path that is a folder")
+def _(c: Ctx) -> Case:
+    return Case([*c.args(), "--model", str(c.tmp)], "is a folder")
 
 
 @case("unknown model")

@@ -272,3 +272,63 @@ def test_change_value_with_ignored_values_and_absent_change_are_accepted(tmp_pat
     assert metrics["ignored_pixels"] == np.sum((PRED != 255) & (oscd == 0)) and metrics["unscored_pixels"] == 0
     empty = write_raster(tmp_path / "empty.tif", np.zeros((H, W), np.uint8))  # no change at all: allowed
     assert evaluate_mask(pred, empty, 1)["tp"] == 0
+
+
+# 7. the coding is the whole label's, not the part under the prediction; ambiguous codings are refused
+
+def test_coding_is_inferred_from_the_whole_label(tmp_path, capsys):
+    oscd = np.ones((H, W), np.uint8)
+    oscd[:8, 24:32] = 2  # change only outside the prediction's rows below
+    label = write_raster(tmp_path / "label.tif", oscd)
+    south = T * Affine.translation(0, 20)
+    pred = write_raster(tmp_path / "change_mask.tif", np.zeros((20, W), np.uint8), nodata=255, transform=south)
+    metrics = _cli_json(capsys, pred, label)
+    assert metrics["change_value"] == 2 and metrics["tn"] == 20 * W and metrics["oa"] == 1.0
+
+
+@pytest.mark.parametrize("values", [[1], [0, 2]])
+def test_ambiguous_label_coding_is_refused(values, tmp_path, capsys):
+    data = np.full((H, W), values[0], np.uint8)
+    data[10:20, 10:20] = values[-1]
+    label = write_raster(tmp_path / "label.tif", data)
+    assert "ambiguous" in _cli_refusal(capsys, _pred(tmp_path), label)
+    assert _cli_json(capsys, _pred(tmp_path), label, "--change-value", str(values[-1]))["change_value"] == values[-1]
+
+
+def test_change_value_that_is_also_ignored_is_refused(tmp_path, capsys):
+    label = write_raster(tmp_path / "label.tif", LABEL)
+    assert "also an --ignore-value" in _cli_refusal(capsys, _pred(tmp_path), label, "--change-value", "1", "--ignore-value", "1")
+
+
+def test_json_has_no_nan(tmp_path, capsys):
+    label = write_raster(tmp_path / "label.tif", np.zeros((H, W), np.uint8))
+    rc = main(["evaluate", "--pred", str(_pred(tmp_path, np.zeros((H, W), np.uint8))), "--label", str(label), "--json"])
+    text = capsys.readouterr().out
+    assert rc == 0 and "NaN" not in text and json.loads(text)["recall"] is None
+
+
+# 8. a label without CRS lies on t1's own grid, even when the outputs are on another one
+
+@pytest.mark.parametrize("how", ["south-up t1", "reprojected"])
+def test_label_without_crs_follows_t1s_own_grid(how, tmp_path, capsys):
+    from changedet.detect import MASK, DetectParams, detect_changes
+
+    rng = np.random.default_rng(4)
+    t1 = rng.integers(1000, 2000, (3, 64, 64)).astype(np.uint16)
+    t2 = t1.copy()
+    t2[:, 16:32, 32:48] += 3000
+    truth = np.zeros((64, 64), np.uint8)
+    truth[16:32, 32:48] = 1
+    if how == "south-up t1":  # rows stored bottom-up: the label without CRS is in t1's stored pixel order
+        t1, t2, truth = t1[:, ::-1].copy(), t2[:, ::-1].copy(), truth[::-1].copy()
+        transform, crs = Affine(10.0, 0, 500000.0, 0, 10.0, 5400000.0 - 640), None
+    else:
+        transform, crs = T, "EPSG:32632"
+    a = write_raster(tmp_path / "a.tif", t1, transform=transform)
+    b = write_raster(tmp_path / "b.tif", t2, transform=transform)
+    label = write_raster(tmp_path / "label.tif", truth, crs=None)
+    result = detect_changes(a, b, tmp_path / "out", DetectParams(model="cva", tile=32, overlap=8, crs=crs))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        metrics = evaluate_mask(result.path(MASK), label)
+    assert metrics["f1"] > 0.9, metrics

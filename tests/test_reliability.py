@@ -91,6 +91,9 @@ COMMANDS = {
     "robustness, bad budget": (["robustness", "--data", "{tmp}", "--out", "{tmp}/r", "--eps", "x"], 2, "--eps"),
     "domain-shift, unknown shift": (["domain-shift", "--data", "{city}/..", "--out", "{tmp}/d", "--shifts", "nope"], 2, "nope"),
     "domain-shift, empty --out": (["domain-shift", "--data", "{city}/..", "--out", ""], 2, "--out is empty"),
+    "domain-shift, severity out of range": (["domain-shift", "--data", "{city}/..", "--out", "{tmp}/d", "--severities", "9"], 2, "[0, 5]"),
+    "domain-shift, a scene that is not there": (["domain-shift", "--data", "{city}/..", "--out", "{tmp}/d"], 2, "no labelled scene"),
+    "robustness, negative budget": (["robustness", "--data", "{city}/..", "--out", "{tmp}/r", "--scenes", "oscd_bercy", "--eps=-4,0"], 2, ">= 0"),
     "unknown command": (["frobnicate"], 2, "invalid choice"),
 }
 
@@ -178,6 +181,50 @@ def test_sentinel2_blue_green_red_folder_is_fed_to_the_rgb_model_as_red_green_bl
     assert any("reordered" in w for w in auto.summary["warnings"])
     for name in (detect.PROBABILITY, detect.MASK):
         assert auto.path(name).read_bytes() == explicit.path(name).read_bytes()
+
+
+def _with_descriptions(path: Path, data: np.ndarray, roles: tuple[str, ...]) -> Path:
+    write_raster(path, data)
+    with rasterio.open(path, "r+") as dst:
+        dst.descriptions = roles
+    return path
+
+
+def test_dates_with_bands_in_another_role_order_are_compared_band_by_band(tmp_path):
+    rng = np.random.default_rng(9)
+    t1 = rng.integers(1000, 2000, (4, 64, 64)).astype(np.uint16)
+    t2 = t1 + rng.integers(0, 50, t1.shape).astype(np.uint16)
+    t2[:, 20:40, 20:40] += 2000
+    roles = ("red", "green", "blue", "nir")
+    a = _with_descriptions(tmp_path / "a.tif", t1, roles)
+    same = _with_descriptions(tmp_path / "same.tif", t2, roles)
+    permuted = _with_descriptions(tmp_path / "permuted.tif", t2[[2, 1, 0, 3]], ("blue", "green", "red", "nir"))
+    params = detect.DetectParams(model="cva", tile=32, overlap=8)
+    reference = detect.detect_changes(a, same, tmp_path / "ref", params)
+    reordered = detect.detect_changes(a, permuted, tmp_path / "perm", params)
+    assert any("reordered" in w for w in reordered.summary["warnings"])
+    assert reordered.path(detect.PROBABILITY).read_bytes() == reference.path(detect.PROBABILITY).read_bytes()
+
+
+def test_a_gain_and_offset_alone_is_no_change_for_cva(tmp_path):
+    t1 = np.random.default_rng(10).integers(100, 4000, (3, 64, 64)).astype(np.float32)
+    a, b = write_raster(tmp_path / "a.tif", t1), write_raster(tmp_path / "b.tif", 1.5 * t1 + 1000)
+    result = detect.detect_changes(a, b, tmp_path / "out", detect.DetectParams(model="cva", tile=32, overlap=8))
+    assert result.summary["counts"]["changed_pixels"] == 0
+
+
+def test_alpha_band_is_a_mask_not_a_band(tmp_path):
+    data = np.random.default_rng(11).integers(0, 255, (3, 64, 64)).astype(np.uint8)
+    alpha = np.full((1, 64, 64), 255, np.uint8)
+    alpha[:, :, :16] = 0
+    rgba = tmp_path / "rgba.tif"
+    with rasterio.open(rgba, "w", driver="GTiff", width=64, height=64, count=4, dtype="uint8", crs="EPSG:32631",
+                       transform=rasterio.transform.from_origin(500000, 5400000, 10, 10), photometric="RGB", alpha="YES") as dst:
+        dst.write(np.concatenate([data, alpha]))
+    rgb = write_raster(tmp_path / "rgb.tif", np.roll(data, 5, axis=2))
+    result = detect.detect_changes(rgba, rgb, tmp_path / "out", detect.DetectParams(model="cva", tile=32, overlap=8))
+    assert result.summary["t1"]["bands"] == ["B1", "B2", "B3"]
+    assert result.summary["counts"]["valid_pixels"] == 64 * 48
 
 
 # ------------------------------------------------------------------------------------------------

@@ -9,13 +9,15 @@ process (the CLI); ``flows/evaluate.py`` maps :func:`run_job` over Dask.
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable
 from typing import Any, Literal
 
 import numpy as np
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, field_validator
 
+from changedet.data.scenes import discover_scenes
 from changedet.errors import ChangeDetError
 from changedet.evaluation.adversarial import METHODS, MODES, Attack, evaluate_attack
 from changedet.evaluation.calibration import histogram_ece
@@ -55,6 +57,13 @@ class RobustnessConfig(_Common):
     step_size: float | None = Field(None, gt=0, description="PGD step in 1/255 units (default 2.5 ε / steps)")
     random_start: bool = False
 
+    @field_validator("eps")
+    @classmethod
+    def _budgets(cls, eps: list[float]) -> list[float]:
+        if not eps or any(not math.isfinite(e) or e < 0 for e in eps):
+            raise ValueError(f"budgets must be finite and >= 0 (1/255 reflectance units), got {eps}")
+        return eps
+
 
 class DomainShiftConfig(_Common):
     """Domain shift: each shift per severity, without and with test-time adaptation."""
@@ -64,6 +73,13 @@ class DomainShiftConfig(_Common):
     severities: list[float] = Field(default_factory=lambda: [1, 2, 3, 4, 5])
     adaptations: list[str] = Field(default_factory=lambda: list(ADAPTATIONS))
     dates: Literal["t2", "both"] = "t2"
+
+    @field_validator("severities")
+    @classmethod
+    def _severities(cls, severities: list[float]) -> list[float]:
+        if not severities or any(not 0 <= v <= 5 for v in severities):
+            raise ValueError(f"severities must be within [0, 5] (0 = no shift), got {severities}")
+        return severities
 
 
 EvaluationConfig = RobustnessConfig | DomainShiftConfig
@@ -91,6 +107,10 @@ def scene_names(cfg: EvaluationConfig) -> list[str]:
     names = cfg.scenes or cached_model(cfg.checkpoints[0], cfg.device).validation_scenes
     if not names:
         raise ChangeDetError(f"{cfg.checkpoints[0]} records no validation scenes: pass scenes")
+    labelled = {record.name for record in discover_scenes(cfg.data, cfg.layout, labelled_only=True)}
+    missing = [n for n in names if n not in labelled]
+    if missing:  # before any job runs, not after the first scenes were computed
+        raise ChangeDetError(f"no labelled scene {', '.join(missing)} in {cfg.data} (found: {', '.join(sorted(labelled)) or 'none'})")
     return list(names)
 
 
@@ -109,6 +129,7 @@ def settings(cfg: EvaluationConfig) -> list[dict[str, Any]]:
 
 def plan_jobs(cfg: EvaluationConfig) -> list[Job]:
     """Every (checkpoint, scene, setting) job."""
+    _check(cfg)
     names = scene_names(cfg)
     return [Job(checkpoint=c, scene=n, setting=s) for c in cfg.checkpoints for n in names for s in settings(cfg)]
 

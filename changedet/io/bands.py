@@ -19,7 +19,7 @@ import warnings
 from dataclasses import replace
 from typing import Sequence
 
-from changedet.errors import ModelError
+from changedet.errors import InputError, ModelError
 from changedet.io.scene import BandSource, Scene
 
 SENTINEL2_ROLES = {
@@ -101,3 +101,36 @@ def model_roles(channel_names: Sequence[str] | None) -> list[str] | None:
         return None
     roles = [SENTINEL2_ROLES.get(n.upper(), n.lower()) for n in channel_names]
     return roles if all(r in COMMON_NAMES for r in roles) and len(set(roles)) == len(roles) else None
+
+
+def same_roles(t1: Scene, t2: Scene) -> bool:
+    """True when every band of both dates has a declared role and they are equal position by position."""
+    r1, r2 = scene_roles(t1), scene_roles(t2)
+    return None not in r1 and r1 == r2
+
+
+def order_like(t1: Scene, t2: Scene) -> Scene:
+    """``t2`` with its bands in t1's order by declared role (for models that compare band by band).
+
+    Both dates' roles known and a permutation of each other: t2 is reordered (with a warning). Roles
+    that differ as sets, or that conflict where both are known, are refused (:class:`InputError`).
+    Otherwise (count mismatch, unknown roles without conflict) ``t2`` is returned unchanged.
+    """
+    r1, r2 = scene_roles(t1), scene_roles(t2)
+    if len(r1) != len(r2) or r1 == r2:
+        return t2
+    if None in r1 or None in r2:
+        clash = [i for i, (a, b) in enumerate(zip(r1, r2)) if a is not None and b is not None and a != b]
+        if clash:
+            raise InputError(
+                f"band roles differ between dates: t1 {_describe(t1.bands, r1)}; t2 {_describe(t2.bands, r2)}: "
+                "give both dates the same bands in the same order (--bands)")
+        return t2
+    if sorted(r1) != sorted(r2) or len(set(r1)) != len(r1):
+        raise InputError(
+            f"band roles differ between dates: t1 {_describe(t1.bands, r1)}; t2 {_describe(t2.bands, r2)}: "
+            "select common bands with --bands")
+    bands = tuple(t2.bands[r2.index(r)] for r in r1)
+    warnings.warn(f"t2 bands {_describe(t2.bands, r2)} reordered to {', '.join(b.name for b in bands)} "
+                  f"to match t1's {', '.join(r1)}", stacklevel=2)
+    return replace(t2, bands=bands)

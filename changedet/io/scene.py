@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
+import numpy as np
 import rasterio
 from rasterio.errors import NotGeoreferencedWarning, RasterioError, RasterioIOError
 from rasterio.windows import Window
@@ -74,6 +75,21 @@ def open_raster(path: str | Path):
         raise InputError(f"cannot read raster {path}: {reason}") from None
 
 
+def _representable(nodata: float | None, dtype: str, path: str) -> float | None:
+    """``--nodata`` for a band of ``dtype``, refused when no pixel of that type can hold the value."""
+    if nodata is None or np.isnan(nodata):
+        return nodata
+    kind = np.dtype(dtype)
+    if kind.kind in "iu":
+        info = np.iinfo(kind)
+        ok = float(nodata).is_integer() and info.min <= nodata <= info.max
+    else:
+        ok = kind.kind != "f" or abs(nodata) <= np.finfo(kind).max
+    if not ok:
+        raise InputError(f"--nodata {nodata:g} cannot occur in {path} ({dtype} bands): give a value of that type")
+    return nodata
+
+
 def _band_sources(path: str, name_prefix: str | None, nodata: float | None) -> list[BandSource]:
     """The bands of one file; ``nodata`` applies only to bands whose file declares none."""
     with open_raster(path) as ds:
@@ -83,15 +99,22 @@ def _band_sources(path: str, name_prefix: str | None, nodata: float | None) -> l
             ds.read(1, window=Window(ds.width - 1, ds.height - 1, 1, 1))
         except RasterioError as exc:
             raise InputError(f"raster {path} is truncated or corrupt: {str(exc).splitlines()[0]}") from None
+        complex_bands = [i for i, dtype in enumerate(ds.dtypes, start=1) if np.dtype(dtype).kind == "c"]
+        if complex_bands:
+            raise InputError(
+                f"raster {path} has complex-valued bands ({ds.dtypes[complex_bands[0] - 1]}): give their amplitude "
+                "(or intensity) as real-valued bands, e.g. gdal_translate -of GTiff with a VRT derived band"
+            )
         grid = Grid.from_dataset(ds)
         sources = []
-        for i in range(1, ds.count + 1):
+        data_bands = [i for i in range(1, ds.count + 1) if ds.colorinterp[i - 1].name != "alpha"]  # alpha: a mask
+        for i in data_bands:
             if name_prefix is not None:
-                name = name_prefix if ds.count == 1 else f"{name_prefix}_{i}"
+                name = name_prefix if len(data_bands) == 1 else f"{name_prefix}_{i}"
             else:
                 name = f"B{i}"
             declared = ds.nodatavals[i - 1]
-            band_nodata = declared if declared is not None else nodata
+            band_nodata = declared if declared is not None else _representable(nodata, ds.dtypes[i - 1], path)
             description = ds.descriptions[i - 1] or ""
             colorinterp = ds.colorinterp[i - 1].name
             sources.append(BandSource(str(path), i, name, grid, band_nodata, ds.dtypes[i - 1], description, colorinterp))

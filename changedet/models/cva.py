@@ -42,6 +42,9 @@ def otsu_threshold(values: np.ndarray, bins: int = 256) -> float:
     return float(edges[int(np.argmax(between[:-1])) + 1])
 
 
+NO_CHANGE_MAGNITUDE = 1e-3  # standardised units: below this every pixel is the same after normalisation (float rounding)
+
+
 class ChangeVectorAnalysis(ChangeModel):
     """CVA magnitude with an Otsu threshold; parameter-free, fitted per scene."""
 
@@ -69,8 +72,9 @@ class ChangeVectorAnalysis(ChangeModel):
     def fit_scene(self, t1: torch.Tensor, t2: torch.Tensor, valid: torch.Tensor) -> None:
         """Fit per-date band statistics and Otsu's threshold on pixel samples ``(N, C)``.
 
-        Degenerate scenes: identical dates (a zero magnitude everywhere) or a magnitude without spread
-        give no change at all (the threshold is put above every magnitude), never "all changed"; a
+        Degenerate scenes: identical dates, dates that differ only by a gain/offset that the per-date
+        standardisation removes (magnitudes below :data:`NO_CHANGE_MAGNITUDE`, float rounding), or a
+        magnitude without spread give no change at all (the threshold is put above every magnitude), never "all changed"; a
         date that is constant in every band while the other is not is refused, because standardising
         it by its own statistics erases whatever differs.
         """
@@ -87,7 +91,7 @@ class ChangeVectorAnalysis(ChangeModel):
             )
         magnitude = self._magnitude(t1[..., None, None], t2[..., None, None], stats).ravel()
         spread = float(magnitude.max() - magnitude.min())
-        if spread <= 1e-9 * max(1.0, float(magnitude.abs().max())):  # no two classes to separate: no change
+        if float(magnitude.max()) < NO_CHANGE_MAGNITUDE or spread <= 1e-9 * float(magnitude.max()):  # nothing to split
             threshold, scale = float(magnitude.max()) + 1.0, 1.0 / 16
         else:
             threshold, scale = otsu_threshold(magnitude.numpy()), max(float(magnitude.std()) / 4, 1e-6)
