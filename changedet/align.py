@@ -24,7 +24,7 @@ from rasterio.windows import Window
 
 from changedet.errors import GridError, InputError
 from changedet.grid import Grid
-from changedet.io.bands import same_roles
+from changedet.io.bands import describe_bands, same_roles, scene_roles
 from changedet.io.scene import BandSource, Scene, open_raster
 
 RESAMPLING_CHOICES = ("nearest", "bilinear", "cubic", "average", "lanczos")
@@ -71,7 +71,8 @@ def _check_bands(t1: Scene, t2: Scene, allow_different_bands: bool) -> None:
         )
     if t1.band_names != t2.band_names and not same_roles(t1, t2):
         diff = [f"{a}!={b}" for a, b in zip(t1.band_names, t2.band_names) if a != b]
-        raise InputError(f"band names differ between dates: {', '.join(diff)}")
+        roles = "" if not any(scene_roles(t1) + scene_roles(t2)) else f" (roles: t1 {describe_bands(t1)}; t2 {describe_bands(t2)})"
+        raise InputError(f"band names differ between dates: {', '.join(diff)}{roles}")
 
 
 def _check_crs(t1: Scene, t2: Scene) -> bool:
@@ -216,9 +217,12 @@ class _FileReader:
                 self.offset = window if inside else None
             except GridError:
                 pass
+        alphas = [i for i, ci in enumerate(self.dataset.colorinterp, start=1) if ci.name == "alpha"]
+        self.alpha = alphas[0] if alphas else None  # an alpha band is this file's mask, wherever it sits
         if self.offset is None:
             finer = own.pixel_area < grid.pixel_area
             method = Resampling.average if finer else Resampling[resampling]
+            alpha = {"src_alpha": self.alpha} if self.alpha else {"add_alpha": True}  # the warper's alpha: last band
             self.vrt = WarpedVRT(
                 self.dataset,
                 crs=grid.crs,
@@ -226,8 +230,8 @@ class _FileReader:
                 width=grid.width,
                 height=grid.height,
                 resampling=method,
-                add_alpha=True,
                 src_nodata=bands[0].nodata,
+                **alpha,
             )
 
     def read(self, window: Window) -> tuple[np.ndarray, np.ndarray]:
@@ -241,6 +245,8 @@ class _FileReader:
             )
             values = self.dataset.read(self.indexes, window=src_window).astype(np.float32)
             valid = np.all(self.dataset.read_masks(self.indexes, window=src_window) > 0, axis=0)
+            if self.alpha is not None:
+                valid &= self.dataset.read(self.alpha, window=src_window) > 0
             for band, nodata in zip(values, self.nodata):
                 if nodata is not None and not np.isnan(nodata):
                     valid &= band != np.float32(nodata)

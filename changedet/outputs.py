@@ -9,6 +9,7 @@ The CLI and the Prefect flow both write exactly :data:`OUTPUT_NAMES`.
 from __future__ import annotations
 
 import json
+import math
 import platform
 import resource
 import time
@@ -116,6 +117,17 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+def _strict_json(value: Any) -> Any:
+    """``value`` with non-finite floats as strings (``"nan"``, ``"inf"``): ``run.json`` stays strict JSON."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    if isinstance(value, dict):
+        return {k: _strict_json(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_strict_json(v) for v in value]
+    return value
+
+
 def write_outputs(
     plan: RunPlan,
     store_root: str | Path,
@@ -167,7 +179,7 @@ def write_outputs(
             "peak_rss_mb": round(peak_rss_mb(), 1),
             "versions": _versions(),
         }
-        write_text(staging.path(RUN_JSON), json.dumps(summary, indent=2, default=str))
+        write_text(staging.path(RUN_JSON), json.dumps(_strict_json(summary), indent=2, default=str, allow_nan=False))
         staging.commit()
     return summary
 

@@ -221,6 +221,7 @@ def _check_radiometry(pair: AlignedPair, tiles: list[Tile], spec: ModelSpec, mod
                 f"are about {10 ** abs(off):.3g}x {'lower' if off < 0 else 'higher'} (median {scene.band_names[band]} "
                 f"{level[band]:.4g}, training mean {mean[band]:.4g}); give it in the model's units (the bundled "
                 "Sentinel-2 model takes L1C digital numbers, reflectance x 10000)"
+                + ("; most of its pixels are 0: if 0 is fill, pass --nodata 0" if np.median(level) == 0 else "")
             )
 
 

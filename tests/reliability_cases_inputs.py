@@ -196,6 +196,20 @@ def _(c: Ctx) -> Case:
     return Case(c.args(write_raster(c.tmp / "slc.tif", data), write_raster(c.tmp / "slc2.tif", data)), "complex-valued")
 
 
+@case("integer complex bands (Sentinel-1 SLC CInt16)")
+def _(c: Ctx) -> Case:
+    slc = c.tmp / "slc_cint16.tif"
+    with rasterio.open(slc, "w", driver="GTiff", width=32, height=32, count=1, dtype="complex_int16", crs="EPSG:32631",
+                       transform=Affine(10.0, 0, 500000.0, 0, -10.0, 5400000.0)):
+        pass
+    return Case(c.args(slc, slc), "complex-valued")
+
+
+@case("--nodata nan for integer bands")
+def _(c: Ctx) -> Case:
+    return Case([*c.args(), "--nodata", "nan"], "cannot occur")
+
+
 @case("--nodata that the band type cannot hold")
 def _(c: Ctx) -> Case:
     return Case([*c.args(), "--nodata", "1e40"], "cannot occur")

@@ -118,6 +118,20 @@ def _(c: Ctx) -> Case:
     return Case(c.args(c.out / outputs.PROBABILITY, c.out / outputs.DIFFERENCE), "would overwrite the input")
 
 
+@case("--out would overwrite an input reached through a symlink")
+def _(c: Ctx) -> Case:
+    link = c.tmp / "t1_link.tif"
+    link.symlink_to(c.out / outputs.PROBABILITY)
+    return Case(c.args(link, c.t2), "would overwrite the input")
+
+
+@case("--out is a dangling symlink")
+def _(c: Ctx) -> Case:
+    shutil.rmtree(c.out)
+    c.out.symlink_to(c.tmp / "gone")
+    return Case(c.args(), "does not exist")
+
+
 @case("another run holds the output folder")
 def _(c: Ctx) -> Case:
     lock = OutputLock(c.out).__enter__()

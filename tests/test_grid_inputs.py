@@ -384,9 +384,9 @@ def test_bands_are_selected_by_description_when_no_name_matches(tmp_path):
     assert summary["t1"]["bands"] == ["B4", "B3", "B2"] and grid.shape == (32, 32)
 
 
-def test_a_band_name_wins_over_a_description_and_duplicates_are_ambiguous(tmp_path):
-    path = _described(tmp_path / "t.tif", ["B2", "nir", "NIR"])
-    assert [b.index for b in open_scene(path, ["B2"]).bands] == [2]
+def test_a_description_wins_over_a_positional_name_and_duplicates_are_ambiguous(tmp_path):
+    path = _described(tmp_path / "t.tif", ["B2", "nir", "NIR"])  # band 1 is described B2; band 2 is named B2 by position
+    assert [b.index for b in open_scene(path, ["B2"]).bands] == [1]
     with pytest.raises(InputError, match=r"'nir'.*bands 2, 3"):
         open_scene(path, ["nir"])
 

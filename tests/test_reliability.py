@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import rasterio
+from rasterio.enums import ColorInterp
 
 import tests.reliability_cases_inputs  # noqa: F401 - registers the cases
 import tests.reliability_cases_outputs  # noqa: F401 - registers the cases
@@ -204,6 +205,50 @@ def test_dates_with_bands_in_another_role_order_are_compared_band_by_band(tmp_pa
     reordered = detect.detect_changes(a, permuted, tmp_path / "perm", params)
     assert any("reordered" in w for w in reordered.summary["warnings"])
     assert reordered.path(detect.PROBABILITY).read_bytes() == reference.path(detect.PROBABILITY).read_bytes()
+
+
+def test_a_folder_of_one_band_file_names_the_band_by_its_suffix(sample_city, tmp_path):
+    folders = []
+    for date in ("imgs_1", "imgs_2"):
+        (tmp_path / date).mkdir()
+        band = next((sample_city / date).glob("*_B08.tif"))
+        (tmp_path / date / band.name).symlink_to(band)
+        folders.append(tmp_path / date)
+    result = detect.detect_changes(*folders, tmp_path / "out", detect.DetectParams(model="cva"))
+    assert result.summary["t1"]["bands"] == ["B08"] == result.summary["t2"]["bands"]
+
+
+def test_a_multiband_file_is_read_by_its_descriptions_not_by_band_positions(tmp_path):
+    """Band 10 of a 13-band stack is named B10 by position; what it is comes from its description."""
+    from changedet.io.bands import scene_roles
+    from changedet.io.scene import open_scene
+
+    order = ["B01", "B02", "B03", "B04", "B05", "B06", "B07", "B08", "B09", "B11", "B12", "B10", "B8A"]
+    stack = write_raster(tmp_path / "stack.tif", np.arange(13, dtype=np.uint16)[:, None, None] * np.ones((13, 8, 8), np.uint16))
+    with rasterio.open(stack, "r+") as dst:
+        dst.descriptions = order
+    wanted = ["B01", "B02", "B03", "B04", "B05", "B06", "B07", "B08", "B8A", "B09", "B10", "B11", "B12"]
+    scene = open_scene(stack, wanted)
+    assert [b.description for b in scene.bands] == wanted
+    assert scene_roles(open_scene(stack))[9:12] == ["swir16", "swir22", "cirrus"]
+
+
+@pytest.mark.parametrize("shift", [0.0, 5.0])
+def test_an_alpha_band_anywhere_masks_its_file(shift, tmp_path):
+    data = np.random.default_rng(12).integers(0, 250, (3, 64, 64)).astype(np.uint8)
+    alpha = np.full((1, 64, 64), 255, np.uint8)
+    alpha[:, 20:40, 20:40] = 0
+    first = tmp_path / "alpha_first.tif"
+    transform = rasterio.transform.from_origin(500000 + shift, 5400000 + shift, 10, 10)
+    with rasterio.open(first, "w", driver="GTiff", width=64, height=64, count=4, dtype="uint8", crs="EPSG:32631",
+                       transform=transform) as dst:
+        dst.write(np.concatenate([alpha, data]))
+        dst.colorinterp = [ColorInterp.alpha, ColorInterp.red, ColorInterp.green, ColorInterp.blue]
+    other = write_raster(tmp_path / "rgb.tif", data)
+    result = detect.detect_changes(other, first, tmp_path / "out", detect.DetectParams(model="cva", tile=32, overlap=8))
+    with rasterio.open(result.path(detect.MASK)) as src:
+        mask = src.read(1)
+    assert (mask[22:38, 22:38] == detect.MASK_NODATA).all() and (mask[:16, :16] != detect.MASK_NODATA).all()
 
 
 def test_a_gain_and_offset_alone_is_no_change_for_cva(tmp_path):

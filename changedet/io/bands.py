@@ -31,10 +31,12 @@ COLOUR_ROLES = ("red", "green", "blue")
 
 
 def band_role(band: BandSource) -> str | None:
-    """The band's role (STAC common name), or None when nothing declares it."""
-    if band.name.upper() in SENTINEL2_ROLES:
+    """The band's role (STAC common name), or None when nothing declares it. A name that is only the
+    band's position in a multi-band file (``B10`` for band 10) declares nothing."""
+    positional = band.name.upper() == f"B{band.index}"
+    if band.name.upper() in SENTINEL2_ROLES and not positional:
         return SENTINEL2_ROLES[band.name.upper()]
-    for text in (band.name, band.description):
+    for text in (band.description, "" if positional else band.name):
         key = (text or "").strip()
         if key.lower() in COMMON_NAMES:
             return key.lower()
@@ -49,12 +51,9 @@ def scene_roles(scene: Scene) -> list[str | None]:
     return [band_role(b) for b in scene.bands]
 
 
-def fits_roles(scene: Scene, wanted: Sequence[str]) -> bool:
-    """True when ``scene`` can feed a model taking ``wanted`` roles: same count, and every known
-    role is one of ``wanted`` (unknown roles are taken by position)."""
-    roles = scene_roles(scene)
-    known = [r for r in roles if r is not None]
-    return len(roles) == len(wanted) and len(set(known)) == len(known) and set(known) <= set(wanted)
+def describe_bands(scene: Scene) -> str:
+    """``B1 (red), B2 (unknown), …``: each band's name and declared role."""
+    return _describe(scene.bands, scene_roles(scene))
 
 
 def _describe(bands: Sequence[BandSource], roles: Sequence[str | None]) -> str:
@@ -125,6 +124,10 @@ def order_like(t1: Scene, t2: Scene) -> Scene:
             raise InputError(
                 f"band roles differ between dates: t1 {_describe(t1.bands, r1)}; t2 {_describe(t2.bands, r2)}: "
                 "give both dates the same bands in the same order (--bands)")
+        if any(r is not None for r in r1 + r2):
+            warnings.warn(
+                f"band roles are declared on one date only (t1 {_describe(t1.bands, r1)}; t2 "
+                f"{_describe(t2.bands, r2)}): the bands are compared by position", stacklevel=2)
         return t2
     if sorted(r1) != sorted(r2) or len(set(r1)) != len(r1):
         raise InputError(

@@ -38,10 +38,12 @@ def _scanned_folder(spec: str) -> Path | None:
 
 
 def check_out_dir(out_dir: str | Path, inputs: Sequence[str | Path], output_names: Sequence[str] = ()) -> None:
-    """Refuse (:class:`OutputError`) an output folder that is empty, is an input folder, or whose
-    outputs would replace an input file."""
+    """Refuse (:class:`OutputError`) an output folder that is empty, a dangling symlink, an input
+    folder, or whose outputs would replace an input file."""
     if not str(out_dir).strip():
         raise OutputError("--out is empty: give an output folder")
+    if Path(out_dir).is_symlink() and not Path(out_dir).exists():
+        raise OutputError(f"--out {out_dir} is a symlink to {os.readlink(out_dir)}, which does not exist")
     out = Path(out_dir).resolve()
     for spec in inputs:
         spec = str(spec)
@@ -50,7 +52,8 @@ def check_out_dir(out_dir: str | Path, inputs: Sequence[str | Path], output_name
                 f"--out {out_dir} is the folder input {spec} reads its bands from: outputs written there would "
                 "become bands of the next run; choose another output folder"
             )
-        if Path(spec).is_file() and Path(spec).resolve().parent == out and Path(spec).name in output_names:
+        target = Path(spec).resolve()  # through symlinks: the file that would be replaced
+        if Path(spec).is_file() and target.parent == out and target.name in output_names:
             raise OutputError(f"--out {out_dir} would overwrite the input {spec}; choose another output folder")
 
 

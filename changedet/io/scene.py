@@ -9,7 +9,7 @@ from __future__ import annotations
 import glob
 import re
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Sequence
 
@@ -77,14 +77,14 @@ def open_raster(path: str | Path):
 
 def _representable(nodata: float | None, dtype: str, path: str) -> float | None:
     """``--nodata`` for a band of ``dtype``, refused when no pixel of that type can hold the value."""
-    if nodata is None or np.isnan(nodata):
+    if nodata is None:
         return nodata
     kind = np.dtype(dtype)
     if kind.kind in "iu":
         info = np.iinfo(kind)
-        ok = float(nodata).is_integer() and info.min <= nodata <= info.max
+        ok = not np.isnan(nodata) and float(nodata).is_integer() and info.min <= nodata <= info.max
     else:
-        ok = kind.kind != "f" or abs(nodata) <= np.finfo(kind).max
+        ok = kind.kind != "f" or not np.isfinite(nodata) or abs(nodata) <= np.finfo(kind).max
     if not ok:
         raise InputError(f"--nodata {nodata:g} cannot occur in {path} ({dtype} bands): give a value of that type")
     return nodata
@@ -99,7 +99,7 @@ def _band_sources(path: str, name_prefix: str | None, nodata: float | None) -> l
             ds.read(1, window=Window(ds.width - 1, ds.height - 1, 1, 1))
         except RasterioError as exc:
             raise InputError(f"raster {path} is truncated or corrupt: {str(exc).splitlines()[0]}") from None
-        complex_bands = [i for i, dtype in enumerate(ds.dtypes, start=1) if np.dtype(dtype).kind == "c"]
+        complex_bands = [i for i, dtype in enumerate(ds.dtypes, start=1) if "complex" in dtype]  # incl. CInt16
         if complex_bands:
             raise InputError(
                 f"raster {path} has complex-valued bands ({ds.dtypes[complex_bands[0] - 1]}): give their amplitude "
@@ -177,8 +177,9 @@ def _by_description(bands: Sequence[BandSource], key: str, source: str) -> BandS
 
 
 def select_bands(bands: Sequence[BandSource], selection: Sequence[str | int], source: str) -> tuple[BandSource, ...]:
-    """Pick bands by 1-based index, by name (case-insensitive) or, when no name matches, by GDAL band
-    description (case-insensitive, only if exactly one band has it), in the given order."""
+    """Pick bands by 1-based index, by GDAL band description (case-insensitive, only if exactly one
+    band has it) or by name, in the given order. A description wins over a name: the names of a
+    multi-band file's bands are positions (``B10`` is its 10th band), a description says what it is."""
     by_name = {b.name.upper(): b for b in bands}
     chosen = []
     for item in selection:
@@ -188,10 +189,10 @@ def select_bands(bands: Sequence[BandSource], selection: Sequence[str | int], so
             if not 1 <= idx <= len(bands):
                 raise InputError(f"band index {idx} out of range 1..{len(bands)} in {source}")
             chosen.append(bands[idx - 1])
-        elif key.upper() in by_name:
-            chosen.append(by_name[key.upper()])
         elif (band := _by_description(bands, key, source)) is not None:
             chosen.append(band)
+        elif key.upper() in by_name:
+            chosen.append(by_name[key.upper()])
         else:
             described = [f"{b.name} ({b.description})" if b.description else b.name for b in bands]
             raise InputError(f"band {key!r} not found in {source}; available: {', '.join(described)}")
@@ -220,6 +221,9 @@ def open_scene(spec: str | Path, bands: Sequence[str | int] | None = None, nodat
     files = _list_files(spec)
     if len(files) == 1:
         sources = _band_sources(files[0], None, nodata)
+        suffix = _BAND_SUFFIX.search(Path(files[0]).stem)
+        if len(sources) == 1 and suffix and files[0] != spec:  # a folder/glob of one band file: named as in a folder
+            sources = [replace(sources[0], name=suffix.group(1).upper())]
     else:
         sources = []
         for f in files:
