@@ -63,7 +63,7 @@ class DetectFlowParams(BaseModel):
     overlap: int = DetectParams.overlap
     threshold: float | None = None
     crs: str | None = None
-    resolution: float | None = Field(None, gt=0)
+    resolution: float | None = None
     bands: list[str] | None = None
     nodata: float | None = Field(None, description="nodata value for input files that declare none")
     resampling: str = "bilinear"
