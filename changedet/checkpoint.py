@@ -15,6 +15,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from changedet.data.stats import PER_SCENE
 from changedet.errors import ModelError
 from changedet.io.writers import writing
 
@@ -38,10 +39,10 @@ def _check_names(value: Any, what: str) -> None:
 
 
 def _check_statistics(value: Any) -> None:
-    if value == "per-scene":
+    if value == PER_SCENE:
         return
     if not isinstance(value, dict) or set(value) < {"t1", "t2"}:
-        raise ValueError("'normalization' must be 'per-scene' or {t1: {mean, std}, t2: {mean, std}}")
+        raise ValueError(f"'normalization' must be {PER_SCENE!r} or {{t1: {{mean, std}}, t2: {{mean, std}}}}")
     for date in ("t1", "t2"):
         stats = value[date]
         mean, std = (stats.get(k) if isinstance(stats, dict) else None for k in ("mean", "std"))

@@ -25,7 +25,6 @@ from typing import Callable, NoReturn, Sequence
 
 from changedet.errors import BusyError, ChangeDetError
 
-EXIT_OK = 0
 EXIT_SYSTEM = 1
 EXIT_INPUT = 2
 EXIT_INTERNAL = 3

@@ -141,6 +141,11 @@ def input_fingerprint(t1: str | Path, t2: str | Path, params: DetectParams) -> s
     return content_fingerprint(*open_inputs(t1, t2, params), params)
 
 
+def _spread(tiles: list[Tile], count: int) -> np.ndarray:
+    """Indices of up to ``count`` tiles spread evenly over the plan (first and last included)."""
+    return np.unique(np.linspace(0, len(tiles) - 1, min(count, len(tiles))).astype(int))
+
+
 def _sample_pixels(
     pair: AlignedPair, tiles: list[Tile], params: DetectParams, model: str, max_pixels: int = 200_000
 ) -> tuple[np.ndarray, np.ndarray]:
@@ -148,7 +153,7 @@ def _sample_pixels(
     (a random subset of each tile is kept, so memory stays at one tile). When those hold fewer than
     :data:`MIN_SCENE_PIXELS` distinct valid pixels, every other tile is scanned; a scene that still
     has fewer is refused: statistics (and CVA's Otsu threshold) of a handful of pixels mean nothing."""
-    picks = np.unique(np.linspace(0, len(tiles) - 1, min(params.sample_tiles, len(tiles))).astype(int))
+    picks = _spread(tiles, params.sample_tiles)
     per_tile = max(1, max_pixels // len(picks))
     rng = np.random.default_rng(params.seed)
     width = pair.grid.width
@@ -203,13 +208,16 @@ def _check_radiometry(pair: AlignedPair, tiles: list[Tile], spec: ModelSpec, mod
     norm = spec.metadata.get("normalization")
     if not isinstance(norm, dict):
         return
-    picks = np.unique(np.linspace(0, len(tiles) - 1, min(4, len(tiles))).astype(int))
+    means = {d: np.asarray(norm[date]["mean"], np.float64) for d, date in enumerate(("t1", "t2"))}
+    checked = {d: m for d, m in means.items() if (m > 0).all() and len(m) == (pair.t1, pair.t2)[d].count}
+    if not checked:
+        return
     with PairReader(pair) as reader:
-        reads = [reader.read(tiles[i].window) for i in picks]
-    for d, (date, scene) in enumerate((("t1", pair.t1), ("t2", pair.t2))):
-        mean = np.asarray(norm[date]["mean"], np.float64)
+        reads = [reader.read(tiles[i].window) for i in _spread(tiles, 4)]
+    for d, mean in checked.items():
+        date, scene = ("t1", "t2")[d], (pair.t1, pair.t2)[d]
         values = np.concatenate([r[d][:, r[2]] for r in reads], axis=1)
-        if (mean <= 0).any() or values.shape[1] == 0 or len(mean) != values.shape[0]:
+        if values.shape[1] == 0:
             continue
         level = np.median(values, axis=1)
         decades = np.log10(np.maximum(level, 1e-12) / mean)

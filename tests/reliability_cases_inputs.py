@@ -313,24 +313,20 @@ def _(c: Ctx) -> Case:
 # ------------------------------------------------------------------------------------------------
 
 
-@case("overlap >= tile")
-def _(c: Ctx) -> Case:
-    return Case([*c.args(), "--tile", "64", "--overlap", "64"], "overlap")
-
-
-@case("threshold out of range")
-def _(c: Ctx) -> Case:
-    return Case([*c.args(), "--threshold", "1.5"], "--threshold")
-
-
-@case("invalid crs")
-def _(c: Ctx) -> Case:
-    return Case([*c.args(), "--crs", "EPSG:999999"], "EPSG:999999")
-
-
-@case("negative resolution")
-def _(c: Ctx) -> Case:
-    return Case([*c.args(), "--resolution", "-5"], "--resolution")
+# name: (options added to the good pair, a fragment of the error line)
+OPTION_CASES = {
+    "overlap >= tile": (["--tile", "64", "--overlap", "64"], "overlap"),
+    "threshold out of range": (["--threshold", "1.5"], "--threshold"),
+    "invalid crs": (["--crs", "EPSG:999999"], "EPSG:999999"),
+    "negative resolution": (["--resolution", "-5"], "--resolution"),
+    **{f"device {d}": (["--device", d], "unknown device") for d in ("mps", "xpu", "meta", "cpu:0")},
+    "a band selected twice": (["--bands", "B1,B2,B1", "--model", "cva"], "more than once"),
+    "empty band selection": (["--bands", " , "], "comma-separated names"),
+    "unparsable option value": (["--tile", "x"], "invalid int value"),
+    "tile below the minimum": (["--tile", "8"], "at least 16"),
+}
+for _name, (_options, _expect) in OPTION_CASES.items():
+    case(_name)(lambda c, o=_options, e=_expect: Case([*c.args(), *o], e))
 
 
 @case("cuda without gpu")
@@ -342,25 +338,3 @@ def _(c: Ctx) -> Case:
     return Case([*c.args(), "--device", "cuda"], "cuda")
 
 
-for _device in ("mps", "xpu", "meta", "cpu:0"):
-    case(f"device {_device}")(lambda c, d=_device: Case([*c.args(), "--device", d], "unknown device"))
-
-
-@case("a band selected twice")
-def _(c: Ctx) -> Case:
-    return Case([*c.args(), "--bands", "B1,B2,B1", "--model", "cva"], "more than once")
-
-
-@case("empty band selection")
-def _(c: Ctx) -> Case:
-    return Case([*c.args(), "--bands", " , "], "comma-separated names")
-
-
-@case("unparsable option value")
-def _(c: Ctx) -> Case:
-    return Case([*c.args(), "--tile", "x"], "invalid int value")
-
-
-@case("tile below the minimum")
-def _(c: Ctx) -> Case:
-    return Case([*c.args(), "--tile", "8"], "at least 16")

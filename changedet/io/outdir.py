@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Sequence
 
 from changedet.errors import BusyError, OutputError
+from changedet.io.writers import OutputStaging
 
 LOCK_NAME = ".changedet.lock"
 STAGING_PREFIX = ".changedet-staging-"
@@ -71,8 +72,7 @@ class OutputLock:
         self._created = False
 
     def __enter__(self) -> "OutputLock":
-        if self.out_dir.exists() and not self.out_dir.is_dir():
-            raise OutputError(f"output path {self.out_dir} exists and is not a folder")
+        OutputStaging.check(self.out_dir, [], overwrite=False)  # a file in the way of the folder
         self._created = not self.out_dir.exists()
         self.out_dir.mkdir(parents=True, exist_ok=True)
         try:

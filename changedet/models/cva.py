@@ -74,9 +74,9 @@ class ChangeVectorAnalysis(ChangeModel):
 
         Degenerate scenes: identical dates, dates that differ only by a gain/offset that the per-date
         standardisation removes (magnitudes below :data:`NO_CHANGE_MAGNITUDE`, float rounding), or a
-        magnitude without spread give no change at all (the threshold is put above every magnitude), never "all changed"; a
-        date that is constant in every band while the other is not is refused, because standardising
-        it by its own statistics erases whatever differs.
+        magnitude without spread give no change at all (the threshold is put above every magnitude),
+        never "all changed"; a date that is constant in every band while the other is not is refused,
+        because standardising it by its own statistics erases whatever differs.
         """
         t1, t2 = t1[valid].double(), t2[valid].double()
         if t1.shape[0] < 2:
