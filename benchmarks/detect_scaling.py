@@ -15,7 +15,7 @@ import sys
 import time
 from pathlib import Path
 
-from changedet.synthetic import SyntheticPair, write_synthetic_pair
+from changedet.testing.synthetic import SyntheticPair, write_synthetic_pair
 
 WORK = Path(__file__).parent / "_work"
 

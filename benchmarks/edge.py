@@ -13,7 +13,7 @@ import tempfile
 from pathlib import Path
 
 from changedet.checkpoint import read_metadata
-from changedet.detect import MASK, DetectParams, detect_changes
+from changedet.pipeline.detect import MASK, DetectParams, detect_changes
 from changedet.evaluate import evaluate_mask
 from changedet.metrics import Confusion
 from changedet.weights import bundled_checkpoint

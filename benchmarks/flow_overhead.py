@@ -37,12 +37,12 @@ import httpx
 import numpy as np
 import torch
 
-from changedet.align import PairReader
+from changedet.pipeline.align import PairReader
 from changedet.checkpoint import save_checkpoint
-from changedet.detect import DetectParams, detect_changes, plan_run
+from changedet.pipeline.detect import DetectParams, detect_changes, plan_run
 from changedet.models import create_model
-from changedet.predictor import TilePredictor
-from changedet.synthetic import write_synthetic_pair
+from changedet.pipeline.predictor import TilePredictor
+from changedet.testing.synthetic import write_synthetic_pair
 
 WORK = Path(__file__).parent / "_work"
 REPO = Path(__file__).resolve().parents[1]

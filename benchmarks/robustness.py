@@ -29,13 +29,10 @@ from changedet.evaluation.cross_domain import ETM_TO_S2, taizhou_scene
 from changedet.evaluation.defence import finetune_checkpoint
 from changedet.evaluation.loading import load_model, open_labelled_scenes
 from changedet.evaluation.report import markdown, write_report
-from changedet.evaluation.runs import (
-    DomainShiftConfig,
-    RobustnessConfig,
-    run_evaluation,
-)
+from changedet.evaluation import DomainShiftConfig, RobustnessConfig
+from changedet.evaluation.runs import run_evaluation
 from changedet.train import load_train_config, train_from_config
-from changedet.train.evaluation import evaluate_scenes
+from changedet.pipeline.validation import evaluate_scenes
 from changedet.weights import bundled_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -23,10 +23,10 @@ import numpy as np
 import torch
 
 from changedet.checkpoint import save_checkpoint
-from changedet.detect import DetectParams, detect_changes, peak_rss_mb, plan_run
+from changedet.pipeline.detect import DetectParams, detect_changes, peak_rss_mb, plan_run
 from changedet.models import create_model
-from changedet.predictor import TilePredictor
-from changedet.synthetic import SyntheticPair, write_synthetic_pair
+from changedet.pipeline.predictor import TilePredictor
+from changedet.testing.synthetic import SyntheticPair, write_synthetic_pair
 
 WORK = Path(__file__).parent / "_work"
 

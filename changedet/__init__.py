@@ -1,8 +1,8 @@
 """changedet: remote-sensing change detection with Siamese networks.
 
-Library code only (no orchestration): geo I/O and grids (:mod:`changedet.grid`, :mod:`changedet.io`),
-tiling and streaming mosaics (:mod:`changedet.tiling`, :mod:`changedet.mosaic`), models
-(:mod:`changedet.models`) and the end-to-end :func:`changedet.detect.detect_changes`.
+Library code only (no orchestration): geo I/O and grids (:mod:`changedet.pipeline.grid`, :mod:`changedet.io`),
+tiling and streaming mosaics (:mod:`changedet.pipeline.tiling`, :mod:`changedet.pipeline.mosaic`), models
+(:mod:`changedet.models`) and the end-to-end :func:`changedet.pipeline.detect.detect_changes`.
 """
 
 import os

@@ -15,7 +15,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from changedet.data.stats import PER_SCENE
+from changedet.normalization import PER_SCENE
 from changedet.errors import ModelError
 from changedet.io.writers import writing
 

@@ -26,12 +26,13 @@ from rasterio.vrt import WarpedVRT
 from rasterio.windows import Window
 
 from changedet.errors import GridError, InputError
-from changedet.grid import Grid
+from changedet.pipeline.grid import Grid
 from changedet.io.scene import open_raster
 from changedet.metrics import Confusion
+from changedet.pipeline.output_table import MASK, MASK_NODATA, RUN_JSON
 
 STRIP = 1024
-MASK_HINT = "expected one band of 0 (no change) / 1 (change), nodata 255: pass change_mask.tif"
+MASK_HINT = f"expected one band of 0 (no change) / 1 (change), nodata {MASK_NODATA}: pass {MASK}"
 
 LabelReader = Callable[[Window], tuple[np.ndarray, np.ndarray]]
 
@@ -67,7 +68,7 @@ def _shape(grid: Grid) -> str:
 
 def _run_reference(pred_path: Path) -> Grid | None:
     """t1's grid recorded as ``reference_grid`` in the ``run.json`` next to the prediction, if any."""
-    run_json = pred_path.parent / "run.json"
+    run_json = pred_path.parent / RUN_JSON
     if not run_json.is_file():
         return None
     try:

@@ -42,14 +42,6 @@ class ErrorLineParser(argparse.ArgumentParser):
         raise SystemExit(EXIT_INPUT)
 
 
-def comma_list(value: str) -> list[str]:
-    """An argparse type: ``"B04, B03,B02"`` -> ``["B04", "B03", "B02"]``; an empty list is an error."""
-    names = [v.strip() for v in value.split(",") if v.strip()]
-    if not names:
-        raise argparse.ArgumentTypeError(f"expected comma-separated names, got {value!r}")
-    return names
-
-
 def _first_line(exc: BaseException) -> str:
     text = str(exc).strip()
     return text.splitlines()[0] if text else type(exc).__name__

@@ -9,6 +9,7 @@ from pathlib import Path
 
 from changedet.errors import InputError
 from changedet.io.scene import RASTER_SUFFIXES
+from changedet.pipeline.output_table import RUN_JSON
 
 
 @dataclass(frozen=True)
@@ -53,7 +54,7 @@ def discover_pairs(source: str | Path) -> list[PairJob]:
 
 def outputs_current(out_dir: str | Path, fingerprint: str) -> bool:
     """True when ``out_dir/run.json`` records a finished run with this content fingerprint."""
-    run_json = Path(out_dir) / "run.json"
+    run_json = Path(out_dir) / RUN_JSON
     try:
         return json.loads(run_json.read_text()).get("fingerprint") == fingerprint
     except (OSError, ValueError):

@@ -1,8 +1,16 @@
-"""Binary change metrics from a streamed confusion matrix (change = positive class)."""
+"""Binary change metrics from a streamed confusion matrix (change = positive class), and per-scene
+probability histograms from which the confusion at any threshold follows exactly.
+
+Instead of one confusion matrix, full-scene validation keeps two histograms of the change
+probability per scene (of change and of no-change pixels, ``bins`` bins over [0, 1]); the
+confusion matrix at any threshold ``k / bins`` follows exactly, so the threshold can be tuned on the
+validation scenes afterwards without predicting again.
+"""
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
+from typing import Any
 
 import numpy as np
 
@@ -75,3 +83,95 @@ def classification_metrics(pred: np.ndarray, target: np.ndarray, n_classes: int 
     present = confusion.sum(1) > 0
     aa = float(np.mean(np.diag(confusion)[present] / confusion.sum(1)[present])) if present.any() else float("nan")
     return {"oa": oa, "aa": aa, "kappa": _ratio(oa - expected, 1 - expected)}
+
+
+DEFAULT_BINS = 1000
+IGNORE = 255  # label value of pixels whose class is unknown: never scored, never trained on
+
+
+@dataclass
+class ProbabilityHistogram:
+    """Counts of change (``pos``) and no-change (``neg``) pixels per probability bin."""
+
+    bins: int = DEFAULT_BINS
+    pos: np.ndarray = field(default=None)  # type: ignore[assignment]
+    neg: np.ndarray = field(default=None)  # type: ignore[assignment]
+
+    def __post_init__(self) -> None:
+        if self.pos is None:
+            self.pos = np.zeros(self.bins, np.int64)
+        if self.neg is None:
+            self.neg = np.zeros(self.bins, np.int64)
+
+    def update(self, prob: np.ndarray, target: np.ndarray, valid: np.ndarray) -> None:
+        """Add pixels: ``prob`` in [0, 1], boolean ``target``, only where ``valid``."""
+        p, t = prob[valid], target[valid]
+        idx = np.clip(np.floor(p.astype(np.float64) * self.bins), 0, self.bins - 1).astype(np.int64)
+        self.pos += np.bincount(idx[t], minlength=self.bins)
+        self.neg += np.bincount(idx[~t], minlength=self.bins)
+
+    def __add__(self, other: "ProbabilityHistogram") -> "ProbabilityHistogram":
+        return ProbabilityHistogram(self.bins, self.pos + other.pos, self.neg + other.neg)
+
+    def confusion(self, threshold: float) -> Confusion:
+        """Confusion of ``prob >= threshold`` (threshold rounded down to a bin edge)."""
+        k = int(np.clip(np.floor(threshold * self.bins + 1e-9), 0, self.bins))
+        tp, fn = int(self.pos[k:].sum()), int(self.pos[:k].sum())
+        fp, tn = int(self.neg[k:].sum()), int(self.neg[:k].sum())
+        return Confusion(tp, fp, fn, tn)
+
+    def f1_curve(self) -> tuple[np.ndarray, np.ndarray]:
+        """Thresholds ``k / bins`` (k = 1 .. bins-1) and the F1 at each."""
+        tp = np.cumsum(self.pos[::-1])[::-1]  # predicted change at threshold k/bins: bins >= k
+        fp = np.cumsum(self.neg[::-1])[::-1]
+        fn = self.pos.sum() - tp
+        k = np.arange(1, self.bins)
+        denom = 2 * tp[k] + fp[k] + fn[k]
+        f1 = np.where(denom > 0, 2 * tp[k] / np.maximum(denom, 1), 0.0)
+        return k / self.bins, f1
+
+    def best_threshold(self) -> float:
+        """Threshold maximising F1 (ties: the one closest to 0.5)."""
+        thresholds, f1 = self.f1_curve()
+        best = f1.max()
+        candidates = thresholds[f1 >= best - 1e-12]
+        return float(candidates[np.argmin(np.abs(candidates - 0.5))])
+
+
+def _clean(metrics: dict[str, float]) -> dict[str, float | None]:
+    return {k: (None if isinstance(v, float) and not np.isfinite(v) else v) for k, v in metrics.items()}
+
+
+@dataclass
+class ValidationResult:
+    """Per-scene probability histograms with metrics at any threshold."""
+
+    scenes: dict[str, ProbabilityHistogram]
+    bins: int = DEFAULT_BINS
+
+    @property
+    def pooled(self) -> ProbabilityHistogram:
+        """All scenes together (pixel-pooled)."""
+        total = ProbabilityHistogram(self.bins)
+        for h in self.scenes.values():
+            total = total + h
+        return total
+
+    def tune_threshold(self) -> float:
+        """The threshold maximising pooled F1."""
+        return self.pooled.best_threshold()
+
+    def metrics(self, threshold: float) -> dict[str, Any]:
+        """``{"threshold", "pooled": {...}, "per_scene": {name: {...}}, "mean_f1"}`` at ``threshold``.
+
+        Each entry holds precision, recall, f1, iou, oa, kappa and tp/fp/fn/tn (undefined ratios
+        are None, JSON-safe). ``mean_f1`` averages the per-scene F1 of scenes with changes.
+        """
+        per_scene = {name: _clean(h.confusion(threshold).metrics()) for name, h in self.scenes.items()}
+        f1s = [m["f1"] for m in per_scene.values() if m["f1"] is not None and (m["tp"] + m["fn"]) > 0]
+        return {
+            "threshold": float(threshold),
+            "pooled": _clean(self.pooled.confusion(threshold).metrics()),
+            "per_scene": per_scene,
+            "mean_f1": float(np.mean(f1s)) if f1s else None,
+        }

@@ -1,6 +1,6 @@
 """Prefect flows: detect changes for one pair on Dask, and for every new pair of an inbox (scheduled).
 
-Thin orchestration over :mod:`changedet.detect`: fingerprint → plan → predict tile batches (Dask) →
+Thin orchestration over :mod:`changedet.pipeline.detect`: fingerprint → plan → predict tile batches (Dask) →
 write outputs → markdown artifact. Tile results persist in ``<out>/.changedet-tiles`` so a killed run
 resumes with only the missing tiles.
 
@@ -19,19 +19,16 @@ import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 from prefect import flow, task, unmapped
 from prefect.artifacts import create_markdown_artifact
 from prefect.runtime import flow_run
 from prefect_dask import DaskTaskRunner
-from pydantic import BaseModel, Field
+from pydantic import Field
 
-from changedet.detect import (
-    OUTPUT_NAMES,
-    QUICKLOOK,
+from changedet.pipeline.detect import (
     TILE_STORE_DIR,
-    DetectParams,
     RunPlan,
     input_fingerprint,
     missing_batches,
@@ -40,41 +37,29 @@ from changedet.detect import (
     remove_tile_store,
     write_outputs,
 )
+from changedet.pipeline.output_table import OUTPUT_NAMES, QUICKLOOK
+from changedet.pipeline.params import DEFAULT_MODEL, DetectParams
 from changedet.errors import ChangeDetError
-from changedet.failures import ErrorLineParser, comma_list, command_main
+from changedet.failures import ErrorLineParser, command_main
+from changedet.options import add_model_options, given_values
 from changedet.inbox import PairJob, discover_pairs, outputs_current
 from changedet.io.outdir import OutputLock, check_out_dir
 from changedet.io.writers import OutputStaging
-from changedet.predictor import DEFAULT_MODEL
 
 
 FLOW_LOGGERS = ("prefect", "distributed")  # their records lose tracebacks unless --debug
 
 
-class DetectFlowParams(BaseModel):
-    """Parameters of one detect flow run (mirrors ``changedet detect``)."""
+class DetectFlowParams(DetectParams):
+    """Parameters of one detect flow run: every :class:`~changedet.pipeline.params.DetectParams` field
+    as is, plus the pair, the output folder and orchestration-only fields."""
 
-    t1: str
-    t2: str
-    out: str
+    t1: str = Field(description="date 1: raster file, folder of per-band files, or glob")
+    t2: str = Field(description="date 2: same forms as --t1")
+    out: str = Field(description="output folder")
     name: str | None = Field(None, description="pair name for the flow run and artifact (default: from paths)")
-    model: str = DEFAULT_MODEL
-    tile: int = DetectParams.tile  # bounds are checked once, by DetectParams.validate
-    overlap: int = DetectParams.overlap
-    threshold: float | None = None
-    crs: str | None = None
-    resolution: float | None = None
-    bands: list[str] | None = None
-    nodata: float | None = Field(None, description="nodata value for input files that declare none")
-    resampling: str = "bilinear"
-    blend: Literal["cosine", "mean"] = "cosine"
-    max_pixels: int = DetectParams.max_pixels
-    batch_size: int = DetectParams.batch_size
+    overwrite: bool = Field(False, description="replace existing outputs in --out")
     batches_per_task: int = Field(4, ge=1, description="tile batches per Prefect task (fewer tasks, less scheduling overhead)")
-    device: str = "cpu"
-    runtime: Literal["torch", "onnx", "onnx-int8"] = "torch"
-    threads: int | None = Field(None, ge=1, description="torch threads per Dask worker (Dask sets 1 by default)")
-    overwrite: bool = False
 
     @property
     def pair_name(self) -> str:
@@ -83,9 +68,7 @@ class DetectFlowParams(BaseModel):
 
     def detect_params(self) -> DetectParams:
         """The library parameters."""
-        fields = ("model", "tile", "overlap", "threshold", "crs", "resolution", "bands", "nodata", "resampling", "blend",
-                  "max_pixels", "batch_size", "device", "runtime", "threads")
-        return DetectParams(**{k: getattr(self, k) for k in fields})
+        return DetectParams(**self.model_dump(include=set(DetectParams.model_fields)))
 
 
 def _run_name() -> str:
@@ -128,7 +111,7 @@ def plan(params: DetectFlowParams, content_key: str) -> RunPlan:
     Cached on the content fingerprint (new bytes under the same paths are re-planned) plus the input
     paths, because a plan holds the paths it reads from.
     """
-    return plan_run(params.t1, params.t2, params.detect_params())
+    return plan_run(params.t1, params.t2, params.detect_params(), content_key)
 
 
 @task(retries=2, retry_delay_seconds=2, retry_condition_fn=_only_io_errors)
@@ -158,7 +141,7 @@ def report(summary: dict[str, Any], params: DetectFlowParams) -> None:
         ("changed pixels", f"{counts['changed_pixels']} of {counts['valid_pixels']} valid"),
         ("tiles", f"{counts['tiles']} ({counts['skipped_tiles']} without data)"),
         ("time", " · ".join(f"{k[:-2]} {v:.1f}s" for k, v in t.items())),
-        ("thumbnail", f"[quicklook.png]({(Path(params.out) / QUICKLOOK).resolve().as_uri()})"),
+        ("thumbnail", f"[{QUICKLOOK}]({(Path(params.out) / QUICKLOOK).resolve().as_uri()})"),
     ]
     table = "\n".join(f"| {k} | {v} |" for k, v in rows)
     create_markdown_artifact(
@@ -172,7 +155,6 @@ def report(summary: dict[str, Any], params: DetectFlowParams) -> None:
 def detect_pair(params: DetectFlowParams) -> dict[str, Any]:
     """Detect changes between ``params.t1`` and ``params.t2`` into ``params.out``."""
     started = time.perf_counter()
-    params.detect_params().validate()
     check_out_dir(params.out, (params.t1, params.t2), OUTPUT_NAMES)
     key = fingerprint(params)
     if outputs_current(params.out, key):
@@ -225,28 +207,11 @@ def build_parser() -> ErrorLineParser:
     parser = ErrorLineParser(prog="flows/detect.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True, parser_class=ErrorLineParser)
     run = sub.add_parser("run", help="run the detect flow once")
-    run.add_argument("--t1", required=True)
-    run.add_argument("--t2", required=True)
-    run.add_argument("--out", required=True)
-    run.add_argument("--model", default=DEFAULT_MODEL)
-    run.add_argument("--tile", type=int, default=DetectParams.tile)
-    run.add_argument("--overlap", type=int, default=DetectParams.overlap)
-    run.add_argument("--threshold", type=float, default=None)
-    run.add_argument("--crs", default=None)
-    run.add_argument("--resolution", type=float, default=None)
-    run.add_argument("--bands", type=comma_list, default=None)
-    run.add_argument("--nodata", type=float, default=None)
-    run.add_argument("--resampling", default=DetectParams.resampling)
-    run.add_argument("--blend", default=DetectParams.blend)
-    run.add_argument("--max-pixels", type=int, default=DetectParams.max_pixels)
-    run.add_argument("--batch-size", type=int, default=DetectParams.batch_size)
-    run.add_argument("--device", default=DetectParams.device)
-    run.add_argument("--runtime", default=DetectParams.runtime)
-    run.add_argument("--overwrite", action="store_true")
+    add_model_options(run, DetectFlowParams, exclude={"threads"})
     run.add_argument("--dask-address", default=None, help="tcp://host:port of an existing Dask scheduler")
     run.add_argument("--workers", type=int, default=1, help="embedded LocalCluster worker processes")
     run.add_argument("--threads", type=int, default=None,
-                     help="torch threads per worker (default: cores / workers embedded, Dask's 1 on an existing cluster)")
+                     help=DetectFlowParams.model_fields["threads"].description + " (default: cores / workers embedded, Dask's 1 on an existing cluster)")
     serve = sub.add_parser("serve", help="serve the inbox flow on a cron schedule (local scheduling)")
     serve.add_argument("--inbox", default="data/inbox")
     serve.add_argument("--out-root", default="outputs/inbox")
@@ -261,10 +226,7 @@ def _run(args: argparse.Namespace) -> int:
     threads = args.threads or (None if args.dask_address else max(1, (os.cpu_count() or 1) // args.workers))
     if args.out.strip():  # absolute: every writer (GDAL, SQLite) sees the same path, no "~" expansion
         args.out = str(Path(args.out).absolute())
-    options = {k: getattr(args, k) for k in ("t1", "t2", "out", "model", "tile", "overlap", "threshold", "crs", "resolution",
-                                             "bands", "nodata", "resampling", "blend", "max_pixels", "batch_size",
-                                             "device", "runtime", "overwrite")}
-    params = DetectFlowParams(**options, threads=threads)
+    params = DetectFlowParams(**{**given_values(args, DetectFlowParams), "threads": threads})
     detect_pair.with_options(task_runner=task_runner(args.dask_address, args.workers))(params)
     return 0
 

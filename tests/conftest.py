@@ -23,6 +23,22 @@ def sample_city() -> Path:
 
 
 @pytest.fixture(scope="session")
+def bundled():
+    """The bundled Sentinel-2 model (``oscd-s2``), loaded as the evaluation stages load it."""
+    from changedet.evaluation.loading import load_model
+
+    return load_model("oscd-s2")
+
+
+@pytest.fixture(scope="session")
+def bercy(bundled, sample_city):
+    """The sample city with the bundled model's bands, held in memory (labelled)."""
+    from changedet.evaluation.loading import open_labelled_scenes
+
+    return open_labelled_scenes(sample_city, ["bercy"], bundled.bands)[0]
+
+
+@pytest.fixture(scope="session")
 def prefect_api():
     """One ephemeral Prefect server for the whole session (the official test harness); yields its API URL."""
     from prefect.settings import PREFECT_API_URL
@@ -80,7 +96,7 @@ def earlier_outputs(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("earlier")
     data = np.random.default_rng(7).integers(100, 4000, (3, 48, 48)).astype(np.uint16)
     t1, t2 = write_raster(root / "a.tif", data), write_raster(root / "b.tif", data[:, ::-1].copy())
-    from changedet import detect
+    from changedet.pipeline import detect
 
     detect.detect_changes(t1, t2, root / "out", detect.DetectParams(tile=32, overlap=8))
     return root / "out"

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import pytest
 
-from changedet import detect
+from changedet.pipeline import detect
 
 OUTPUT_SUFFIXES = (".tif", ".tiff", ".gpkg", ".qml", ".png")
 

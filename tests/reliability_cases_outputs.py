@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from changedet import detect, outputs
+from changedet.pipeline import detect, outputs
 from changedet.io.outdir import OutputLock
 from tests.reliability import Case, Ctx, case
 

@@ -15,28 +15,16 @@ from changedet.evaluation.adversarial import (
     attack_objective,
     evaluate_attack,
     frozen,
-    normalization_tensors,
-    normalize,
     perturb,
 )
 from changedet.evaluation.defence import adversarial_finetune
-from changedet.evaluation.loading import load_model, open_labelled_scenes
 from changedet.evaluation.sensor import Sensor, scene_sensor
 from changedet.losses import build_loss
 from changedet.models import create_model
-from changedet.train.evaluation import evaluate_scenes
+from changedet.normalization import Normalization
+from changedet.pipeline.validation import evaluate_scenes
 
 SCALE = 10000.0
-
-
-@pytest.fixture(scope="module")
-def bundled():
-    return load_model("oscd-s2")
-
-
-@pytest.fixture(scope="module")
-def bercy(bundled, sample_city):
-    return open_labelled_scenes(sample_city, ["bercy"], bundled.bands)[0]
 
 
 def _crops(scene, size: int = 64, count: int = 2):
@@ -78,14 +66,14 @@ def test_eps_zero_equals_clean_metrics_exactly(bercy):
 @pytest.mark.parametrize("mode", ["both", "hide"])
 def test_pgd_at_least_as_strong_as_fgsm_on_the_trained_model(bundled, bercy, mode):
     x1, x2, valid, label = _crops(bercy, size=48)
-    stats = normalization_tensors(bundled.normalization)
+    stats = Normalization.of(bundled.normalization)
     model, sensor = bundled.model, scene_sensor(bercy)
 
     def objective(attack: Attack) -> float:
         with frozen(model):
             a1, a2 = perturb(model, x1, x2, valid, label, stats, sensor, attack)
         with torch.no_grad():
-            logits = model(normalize(a1, valid, stats[0]), normalize(a2, valid, stats[1])).logits
+            logits = model(stats.apply_tensor(a1, valid, 0), stats.apply_tensor(a2, valid, 1)).logits
         return float(attack_objective(logits, label, valid, attack.goal).sum())
 
     eps = 2 / 255
@@ -103,7 +91,7 @@ def test_perturbation_within_eps_sensor_range_and_valid_mask():
     x2[:, :, 10:14, 5:20] = 65535.0  # nodata values that must not move
     label = (torch.rand((2, 32, 32), generator=gen) > 0.8).long()
     model, sensor, eps = _tiny_model(), Sensor(SCALE), 8 / 255
-    stats = normalization_tensors(_norm(3))
+    stats = Normalization.of(_norm(3))
     for mode in ("t1", "t2", "both", "hide", "fake"):
         attack = Attack("pgd", eps, mode, steps=3, step_size=4 / 255, random_start=True)
         a1, a2 = perturb(model, x1, x2, valid, label, stats, sensor, attack)
@@ -118,10 +106,10 @@ def test_perturbation_within_eps_sensor_range_and_valid_mask():
 def test_gradients_flow_through_both_branches(bercy):
     model = _tiny_model(13)
     x1, x2, valid, label = _crops(bercy, size=32, count=1)
-    stats = normalization_tensors(_norm(13))
+    stats = Normalization.of(_norm(13))
     d1 = torch.zeros_like(x1, requires_grad=True)
     d2 = torch.zeros_like(x2, requires_grad=True)
-    logits = model(normalize(x1 + SCALE * d1, valid, stats[0]), normalize(x2 + SCALE * d2, valid, stats[1])).logits
+    logits = model(stats.apply_tensor(x1 + SCALE * d1, valid, 0), stats.apply_tensor(x2 + SCALE * d2, valid, 1)).logits
     g1, g2 = torch.autograd.grad(attack_objective(logits, label, valid, "untargeted").sum(), [d1, d2])
     assert float(g1.abs().sum()) > 0 and float(g2.abs().sum()) > 0
     a1, a2 = perturb(model, x1, x2, valid, label, stats, Sensor(SCALE), Attack("fgsm", 1 / 255, "both"))

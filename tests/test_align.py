@@ -9,8 +9,8 @@ from rasterio.enums import Resampling
 from rasterio.warp import calculate_default_transform, reproject
 from rasterio.windows import Window
 
-from changedet.align import PairReader, align_pair
-from changedet.grid import Grid
+from changedet.pipeline.align import PairReader, align_pair
+from changedet.pipeline.grid import Grid
 from changedet.io.scene import SENTINEL2_ORDER, open_scene
 
 

@@ -6,9 +6,9 @@ import pytest
 
 from changedet.checkpoint import read_metadata
 from changedet.cli import main
-from changedet.detect import MASK, DetectParams, detect_changes
+from changedet.pipeline.detect import MASK, DetectParams, detect_changes
 from changedet.evaluate import evaluate_mask
-from changedet.predictor import auto_model, resolve_model
+from changedet.pipeline.predictor import auto_model, resolve_model
 from changedet.weights import bundled_checkpoint
 
 CHECKPOINT = bundled_checkpoint("oscd-s2")

@@ -9,9 +9,9 @@ import rasterio
 from rio_cogeo.cogeo import cog_validate
 
 from changedet.cli import main
-from changedet.detect import DIFFERENCE, MASK, OUTPUT_NAMES, POLYGONS, PROBABILITY, DetectParams, detect_changes
-from changedet.grid import Grid
-from changedet.synthetic import write_synthetic_pair
+from changedet.pipeline.detect import DIFFERENCE, MASK, OUTPUT_NAMES, POLYGONS, PROBABILITY, DetectParams, detect_changes
+from changedet.pipeline.grid import Grid
+from changedet.testing.synthetic import write_synthetic_pair
 
 
 @pytest.fixture(scope="module")
@@ -123,7 +123,7 @@ def test_png_pair_without_georeference_gives_pixel_grid_outputs(shared_data, tmp
 
 
 def test_fingerprint_follows_content_not_paths(tmp_path):
-    from changedet.detect import plan_run
+    from changedet.pipeline.detect import plan_run
 
     pair = write_synthetic_pair(tmp_path / "a", 64, 64, bands=2, n_changes=2)
     moved = tmp_path / "moved"

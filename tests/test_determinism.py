@@ -18,7 +18,7 @@ import pytest
 import rasterio
 
 from changedet.cli import main
-from changedet.detect import (
+from changedet.pipeline.detect import (
     DIFFERENCE,
     MASK,
     MASK_STYLE,
@@ -26,7 +26,7 @@ from changedet.detect import (
     PROBABILITY,
     PROBABILITY_STYLE,
 )
-from changedet.synthetic import write_synthetic_pair
+from changedet.testing.synthetic import write_synthetic_pair
 
 BYTE_IDENTICAL = (PROBABILITY, MASK, DIFFERENCE, PROBABILITY_STYLE, MASK_STYLE)
 REPO = Path(__file__).resolve().parents[1]

@@ -32,7 +32,7 @@ from pyogrio.errors import FeatureError
 from rasterio._err import CPLE_AppDefinedError
 from rasterio.errors import RasterioIOError
 
-from changedet.detect import TILE_STORE_DIR
+from changedet.pipeline.detect import TILE_STORE_DIR
 from changedet.io.writers import write_text, writing
 from tests.conftest import write_raster
 
@@ -196,7 +196,7 @@ def test_failed_geotiff_close_raises_without_printing(tmp_path):
     script = (
         "import resource, sys, numpy as np\n"
         "from affine import Affine\n"
-        "from changedet.grid import Grid\n"
+        "from changedet.pipeline.grid import Grid\n"
         "from changedet.io.writers import BlockRasterWriter\n"
         "writer = BlockRasterWriter(sys.argv[1], Grid(None, Affine.identity(), 96, 96), 'float32', -9999.0)\n"
         "resource.setrlimit(resource.RLIMIT_FSIZE, (12000, 12000))\n"

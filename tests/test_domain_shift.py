@@ -13,7 +13,7 @@ from changedet.evaluation.domain_shift import SHIFTS, apply_shift, shift_scene
 from changedet.evaluation.loading import open_labelled_scenes
 from changedet.evaluation.sensor import Sensor
 from changedet.models import create_model
-from changedet.train.evaluation import ProbabilityHistogram
+from changedet.metrics import ProbabilityHistogram
 
 BANDS = ("B02", "B03", "B04", "B08")
 SENSOR = Sensor(10000.0)

@@ -8,11 +8,11 @@ import torch
 pytest.importorskip("onnxruntime")
 
 from changedet.checkpoint import save_checkpoint  # noqa: E402
-from changedet.detect import PROBABILITY, DetectParams, detect_changes  # noqa: E402
-from changedet.edge import to_runtime  # noqa: E402
+from changedet.pipeline.detect import PROBABILITY, DetectParams, detect_changes  # noqa: E402
+from changedet.runtime.onnx import to_runtime  # noqa: E402
 from changedet.errors import ModelError  # noqa: E402
 from changedet.models import create_model  # noqa: E402
-from changedet.synthetic import write_synthetic_pair  # noqa: E402
+from changedet.testing.synthetic import write_synthetic_pair  # noqa: E402
 
 
 def test_onnx_export_matches_torch_on_odd_tile_sizes(tmp_path):

@@ -6,7 +6,8 @@ from __future__ import annotations
 import json
 
 from changedet.cli import main
-from changedet.evaluation.runs import RobustnessConfig, run_evaluation
+from changedet.evaluation.runs import run_evaluation
+from changedet.evaluation.stages.robustness import RobustnessConfig
 
 
 def test_evaluate_flow_reports_match_the_in_process_run(prefect_api, sample_city, tmp_path):

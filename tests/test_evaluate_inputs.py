@@ -17,7 +17,7 @@ from rasterio.warp import Resampling, calculate_default_transform, reproject
 from changedet.cli import main
 from changedet.errors import GridError, InputError
 from changedet.evaluate import evaluate_mask
-from changedet.grid import Grid
+from changedet.pipeline.grid import Grid
 from tests.conftest import write_raster
 
 H = W = 40
@@ -311,7 +311,7 @@ def test_json_has_no_nan(tmp_path, capsys):
 
 @pytest.mark.parametrize("how", ["south-up t1", "reprojected"])
 def test_label_without_crs_follows_t1s_own_grid(how, tmp_path, capsys):
-    from changedet.detect import MASK, DetectParams, detect_changes
+    from changedet.pipeline.detect import MASK, DetectParams, detect_changes
 
     rng = np.random.default_rng(4)
     t1 = rng.integers(1000, 2000, (3, 64, 64)).astype(np.uint16)

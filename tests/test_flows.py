@@ -13,9 +13,9 @@ from pathlib import Path
 
 import pytest
 
-from changedet.detect import DIFFERENCE, MASK, PROBABILITY, TILE_STORE_DIR, DetectParams, detect_changes
+from changedet.pipeline.detect import DIFFERENCE, MASK, PROBABILITY, TILE_STORE_DIR, DetectParams, detect_changes
 from changedet.inbox import discover_pairs, outputs_current
-from changedet.synthetic import write_synthetic_pair
+from changedet.testing.synthetic import write_synthetic_pair
 
 REPO = Path(__file__).resolve().parents[1]
 RASTERS = (PROBABILITY, MASK, DIFFERENCE)

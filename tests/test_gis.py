@@ -23,7 +23,7 @@ import rasterio
 from rio_cogeo.cogeo import cog_validate
 
 from changedet.cli import main
-from changedet.detect import (
+from changedet.pipeline.detect import (
     DIFFERENCE,
     MASK,
     MASK_STYLE,
@@ -32,7 +32,7 @@ from changedet.detect import (
     PROBABILITY_STYLE,
     RUN_JSON,
 )
-from changedet.synthetic import write_synthetic_pair
+from changedet.testing.synthetic import write_synthetic_pair
 
 RASTERS = (PROBABILITY, MASK, DIFFERENCE)
 NO_PAM = {**os.environ, "GDAL_PAM_ENABLED": "NO"}  # gdalinfo -stats must not leave .aux.xml files behind

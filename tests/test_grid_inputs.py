@@ -17,11 +17,11 @@ from rasterio.crs import CRS
 from rasterio.warp import calculate_default_transform
 from rasterio.windows import Window
 
-from changedet.align import PairReader, align_pair
+from changedet.pipeline.align import PairReader, align_pair
 from changedet.cli import main
-from changedet.detect import PROBABILITY, RUN_JSON, DetectParams, detect_changes
+from changedet.pipeline.detect import PROBABILITY, RUN_JSON, DetectParams, detect_changes
 from changedet.errors import GridError, InputError
-from changedet.grid import Grid
+from changedet.pipeline.grid import Grid
 from changedet.io.scene import open_scene
 
 from tests.conftest import write_raster

@@ -27,10 +27,10 @@ from changedet.data import (
 )
 from changedet.data.hetero import hetero_cd_scenes, prepare_scene, sar_cd_scenes
 from changedet.data.houston import held_apart_split, load_houston
-from changedet.detect import MASK, MASK_NODATA, PROBABILITY
+from changedet.pipeline.detect import MASK, MASK_NODATA, PROBABILITY
 from changedet.losses import CrossModalLoss
 from changedet.models import create_model
-from changedet.synthetic import write_synthetic_hsi_lidar
+from changedet.testing.synthetic import write_synthetic_hsi_lidar
 from changedet.train import checkpoint_metadata
 from changedet.train.crossmodal import (
     embed_pixels,

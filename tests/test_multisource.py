@@ -14,9 +14,9 @@ from changedet.checkpoint import read_metadata
 from changedet.cli import main
 from changedet.data import PatchDataset, discover_scenes, open_scenes
 from changedet.data.stats import PER_SCENE, date_statistics, per_scene_normalization
-from changedet.detect import DetectParams, plan_run
+from changedet.pipeline.detect import DetectParams, plan_run
 from changedet.errors import InputError
-from changedet.synthetic import write_synthetic_pair
+from changedet.testing.synthetic import write_synthetic_pair
 from changedet.train import ConfigError, load_train_config, train_from_config
 
 TINY = {"base_channels": 4, "dropout": 0.0}

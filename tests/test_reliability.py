@@ -22,7 +22,7 @@ from rasterio.enums import ColorInterp
 
 import tests.reliability_cases_inputs  # noqa: F401 - registers the cases
 import tests.reliability_cases_outputs  # noqa: F401 - registers the cases
-from changedet import detect
+from changedet.pipeline import detect
 from changedet.cli import main
 from changedet.io.outdir import LOCK_NAME
 from flows.detect import main as flow_main

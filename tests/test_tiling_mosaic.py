@@ -3,8 +3,8 @@
 import numpy as np
 import pytest
 
-from changedet.mosaic import StreamingMosaic, blend_weights
-from changedet.tiling import plan_tiles
+from changedet.pipeline.mosaic import StreamingMosaic, blend_weights
+from changedet.pipeline.tiling import plan_tiles
 
 SHAPES = [(395, 360, 128, 32), (100, 77, 64, 17), (50, 50, 64, 8), (300, 301, 64, 0), (257, 513, 256, 31)]
 

@@ -18,7 +18,7 @@ from changedet.errors import ModelError
 from changedet.losses import build_loss
 from changedet.metrics import Confusion
 from changedet.models import create_model
-from changedet.predictor import TilePredictor, resolve_model
+from changedet.pipeline.predictor import TilePredictor, resolve_model
 from changedet.train import (
     ConfigError,
     ProbabilityHistogram,

@@ -3,18 +3,15 @@ sampling, paired augmentation, group splits and normalisation statistics."""
 
 from changedet.data.augment import Geometry, PairedAugment
 from changedet.data.datasets import BalancedPatchSampler, PatchDataset, PatchKey, PatchSampler, collate_patches
-from changedet.data.scenes import (
-    IGNORE,
+from changedet.data.discovery import (
     LAYOUTS,
-    ChangeScene,
     SceneRecord,
     discover_scenes,
     levir_scenes,
-    open_scenes,
     oscd_scenes,
     pair_folder_scenes,
-    read_label,
 )
+from changedet.data.scenes import IGNORE, ChangeScene, open_scenes, read_label
 from changedet.data.splits import (
     Split,
     check_disjoint,
@@ -24,7 +21,7 @@ from changedet.data.splits import (
     leave_groups_out_folds,
     split_by_groups,
 )
-from changedet.data.stats import checkpoint_normalization, compute_normalization, normalization_arrays
+from changedet.data.stats import checkpoint_normalization, compute_normalization
 
 __all__ = [
     "IGNORE",
@@ -48,7 +45,6 @@ __all__ = [
     "leave_cities_out_folds",
     "leave_groups_out_folds",
     "levir_scenes",
-    "normalization_arrays",
     "open_scenes",
     "oscd_scenes",
     "pair_folder_scenes",

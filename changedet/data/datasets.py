@@ -10,7 +10,7 @@ change-free; ``change_fraction = 0.5`` shows the model a change in about every o
 :class:`PatchDataset` is a map-style dataset: ``dataset[i]`` is the ``i``-th key of the current
 epoch (a pure function of ``(seed, epoch, i)``, so results do not depend on DataLoader workers),
 and ``dataset[key]`` reads any :class:`PatchKey` (what :class:`BalancedPatchSampler` yields).
-Each item reads one window per date through the scene's :class:`~changedet.align.PairReader`
+Each item reads one window per date through the scene's :class:`~changedet.pipeline.align.PairReader`
 (or its in-memory cache), never a whole scene.
 """
 
@@ -24,8 +24,8 @@ from torch.utils.data import Dataset, Sampler
 
 from changedet.data.augment import PairedAugment
 from changedet.data.scenes import IGNORE, ChangeScene
-from changedet.data.stats import is_per_scene, scene_normalization_arrays
 from changedet.errors import InputError
+from changedet.normalization import Normalization
 
 
 class PatchKey(NamedTuple):
@@ -105,8 +105,8 @@ class PatchDataset(Dataset):
     Args:
         scenes: opened scenes (same bands; with per-scene statistics, the same band counts).
         patch_size: side of the read window (the output side unless ``augment.crop`` is set).
-        normalization: ``{"t1": {"mean", "std"}, "t2": ...}`` or per-scene statistics (see
-            :mod:`changedet.data.stats`); None returns raw values.
+        normalization: a :class:`~changedet.normalization.Normalization` or any stored form of one
+            (fixed or per-scene statistics, see :meth:`Normalization.of`); None returns raw values.
         augment: paired augmentation, or None.
         length: patches per epoch (``len(dataset)``).
         change_fraction: see :class:`PatchSampler`.
@@ -123,7 +123,7 @@ class PatchDataset(Dataset):
         self,
         scenes: Sequence[ChangeScene],
         patch_size: int,
-        normalization: dict[str, Any] | None = None,
+        normalization: Normalization | dict[str, Any] | str | None = None,
         augment: PairedAugment | None = None,
         length: int = 1024,
         change_fraction: float = 0.5,
@@ -135,7 +135,8 @@ class PatchDataset(Dataset):
             missing = [s.name for s in scenes if not s.labelled]
             if missing:
                 raise InputError(f"scenes without a label: {', '.join(missing)}")
-        per_scene = normalization is not None and is_per_scene(normalization)
+        norm = None if normalization is None else Normalization.of(normalization)
+        per_scene = norm is not None and norm.per_scene
         for s in scenes[1:]:
             same = s.channels == scenes[0].channels if per_scene else s.bands == scenes[0].bands
             if not same:
@@ -144,8 +145,8 @@ class PatchDataset(Dataset):
             raise InputError("date swap needs the same bands on both dates")
         self.scenes = list(scenes)
         self.patch_size = int(patch_size)
-        self.normalization = normalization
-        self._norms = [scene_normalization_arrays(normalization, s) for s in scenes] if normalization is not None else None
+        self.normalization = norm
+        self._norms = None if norm is None else [norm.for_scene(s.read, *s.shape) for s in scenes]
         self.augment = augment
         self.length = int(length)
         self.seed = int(seed)
@@ -173,8 +174,7 @@ class PatchDataset(Dataset):
     def _normalise(self, x: np.ndarray, valid: np.ndarray, scene: int, date: int) -> np.ndarray:
         if self._norms is None:
             return np.where(valid[None], x, 0).astype(np.float32)
-        mean, std = self._norms[scene][date]
-        return np.where(valid[None], (x - mean) / std, 0).astype(np.float32)
+        return self._norms[scene].apply(x, valid, date)
 
     def __getitem__(self, item: int | PatchKey | Sequence[int]) -> dict[str, Any]:
         if isinstance(item, (int, np.integer)):

@@ -16,7 +16,7 @@ count across scenes:
   change label does not depend on the order).
 
 The result is written as float32 ``t1.tif``/``t2.tif`` plus ``gt.tif`` (0/1, 255 unknown) and
-read back with :func:`~changedet.data.scenes.pair_folder_scenes`.
+read back with :func:`~changedet.data.discovery.pair_folder_scenes`.
 """
 
 from __future__ import annotations
@@ -32,7 +32,8 @@ import rasterio
 from rasterio.errors import NotGeoreferencedWarning
 from rasterio.windows import Window
 
-from changedet.data.scenes import IGNORE, ChangeScene, SceneRecord, pair_folder_scenes
+from changedet.data.discovery import SceneRecord, pair_folder_scenes
+from changedet.data.scenes import IGNORE, ChangeScene
 from changedet.errors import InputError
 
 MODALITIES: tuple[str, ...] = ("optical", "sar")

@@ -6,7 +6,10 @@
 * :mod:`~changedet.evaluation.domain_shift` — a registry of radiometric/geometric shifts with severities;
 * :mod:`~changedet.evaluation.adaptation` — AdaBN and histogram matching at test time;
 * :mod:`~changedet.evaluation.calibration` — expected calibration error;
-* :mod:`~changedet.evaluation.runs` / :mod:`~changedet.evaluation.report` — jobs, summary, report files.
+* :mod:`~changedet.evaluation.stages` — the registry of evaluation stages (one module each:
+  :mod:`~changedet.evaluation.stages.robustness`, :mod:`~changedet.evaluation.stages.domain_shift`);
+* :mod:`~changedet.evaluation.runs` / :mod:`~changedet.evaluation.report` — jobs, summary, report files
+  of any registered stage.
 """
 
 from changedet.evaluation.adaptation import (
@@ -30,14 +33,10 @@ from changedet.evaluation.domain_shift import (
     evaluate_shift,
     shift_scene,
 )
-from changedet.evaluation.runs import (
-    DomainShiftConfig,
-    RobustnessConfig,
-    plan_jobs,
-    run_evaluation,
-    run_job,
-    summarize,
-)
+from changedet.evaluation.runs import plan_jobs, prepare, run_evaluation, run_job, summarize
+from changedet.evaluation.stages import EvaluationConfig, Stage, all_stages, get_stage, register_stage
+from changedet.evaluation.stages.domain_shift import DomainShiftConfig
+from changedet.evaluation.stages.robustness import RobustnessConfig
 from changedet.evaluation.sensor import Sensor, scene_sensor
 
 __all__ = [
@@ -46,21 +45,27 @@ __all__ = [
     "SHIFTS",
     "Attack",
     "DomainShiftConfig",
+    "EvaluationConfig",
     "RobustnessConfig",
     "Sensor",
+    "Stage",
     "adabn",
     "adversarial_finetune",
+    "all_stages",
     "apply_shift",
     "evaluate_attack",
     "evaluate_shift",
     "expected_calibration_error",
     "finetune_checkpoint",
+    "get_stage",
     "histogram_ece",
     "match_histograms",
     "match_scene",
     "perturb",
     "plan_jobs",
+    "prepare",
     "reference_quantiles",
+    "register_stage",
     "run_evaluation",
     "run_job",
     "scene_sensor",

@@ -2,7 +2,7 @@
 
 * :func:`adabn` (Li et al., "Revisiting batch normalization for practical domain adaptation",
   2016): re-estimate every BatchNorm layer's running mean/variance on the target scene's tiles
-  (tiled and normalised exactly as evaluation does); no other weight changes, no labels.
+  (tiled and normalised by the scene runner, as detect does); no other weight changes, no labels.
 * :func:`match_histograms`: monotone per-band mapping of one date's values onto a reference
   distribution (quantiles), e.g. t2 onto t1 of the same scene (relative radiometric normalisation),
   or both dates onto the training data (:func:`reference_quantiles`) across sensors.
@@ -19,9 +19,10 @@ import torch
 from torch import nn
 
 from changedet.data.scenes import ChangeScene
-from changedet.evaluation.adversarial import normalization_tensors, normalize
 from changedet.models import ChangeModel
-from changedet.train.evaluation import predict_scene
+from changedet.normalization import Normalization
+from changedet.pipeline.tiling import DEFAULT_BATCH_SIZE, DEFAULT_OVERLAP, DEFAULT_TILE, Tiling
+from changedet.pipeline.validation import scene_runner
 
 QUANTILES = 1024
 
@@ -34,19 +35,21 @@ def batchnorm_layers(model: nn.Module) -> list[nn.modules.batchnorm._BatchNorm]:
 def adabn(
     model: ChangeModel,
     scenes: Sequence[ChangeScene],
-    normalization: dict[str, Any],
-    tile: int = 256,
-    overlap: int = 32,
-    batch_size: int = 8,
+    normalization: Normalization | dict[str, Any] | str,
+    tile: int = DEFAULT_TILE,
+    overlap: int = DEFAULT_OVERLAP,
+    batch_size: int = DEFAULT_BATCH_SIZE,
     device: torch.device | str = "cpu",
     seed: int = 0,
 ) -> ChangeModel:
     """A copy of ``model`` whose BatchNorm statistics are the cumulative averages over the tiles of
     ``scenes`` (labels unused); ``model`` itself is not modified.
 
-    Statistics are gathered in training mode (dropout active, seeded), the regime in which the
-    original running statistics were accumulated: with dropout off, the activations that follow a
-    dropout layer have a smaller variance than the network was trained to expect.
+    The tiles are the batches of the one scene runner (:meth:`SceneRunner.normalized_batches`):
+    detect's tiling and normalisation. Statistics are gathered in training mode (dropout active,
+    seeded), the regime in which the original running statistics were accumulated: with dropout
+    off, the activations that follow a dropout layer have a smaller variance than the network was
+    trained to expect.
     """
     adapted = copy.deepcopy(model)
     layers = batchnorm_layers(adapted)
@@ -54,23 +57,18 @@ def adabn(
     for bn in layers:
         bn.reset_running_stats()
         bn.momentum = None  # cumulative moving average over all target batches
-    stats = normalization_tensors(normalization, device)
-
-    def collect(x1: np.ndarray, x2: np.ndarray, valid: np.ndarray, label: np.ndarray) -> np.ndarray:
-        v = torch.from_numpy(valid).to(device)
-        z1, z2 = (normalize(torch.from_numpy(x).to(device), v, s) for x, s in zip((x1, x2), stats))
-        adapted.train()
-        try:
-            with torch.no_grad():
-                adapted(z1, z2)
-        finally:
-            adapted.eval()
-        return np.zeros(valid.shape, np.float32)
-
+    tiling = Tiling(tile, overlap)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         for scene in scenes:
-            predict_scene(adapted, scene, normalization, lambda *_: None, tile, overlap, batch_size, device, forward=collect)
+            runner = scene_runner(adapted, scene, normalization, tiling, batch_size, device)
+            adapted.train()
+            try:
+                with torch.no_grad():
+                    for _batch, z1, z2 in runner.normalized_batches(scene.read, scene.shape):
+                        adapted(z1, z2)
+            finally:
+                adapted.eval()
     for bn, momentum in zip(layers, momenta):
         bn.momentum = momentum
     return adapted.eval()

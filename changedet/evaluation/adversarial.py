@@ -3,14 +3,14 @@
 Threat model: the attacker adds ``delta`` to the *raw* pixels of t1, t2 or both, with
 ``|delta|∞ <= eps`` in reflectance units (:mod:`changedet.evaluation.sensor`: ε = 1/255 is
 10000/255 DN on Sentinel-2), never touches invalid (nodata) pixels and keeps every pixel inside
-the sensor range. Normalisation (``(x - mean) / std`` with the checkpoint statistics, invalid
-pixels 0) happens inside the differentiable path, so the budget is physical, not in normalised units.
+the sensor range. Normalisation (:meth:`Normalization.apply_tensor`: ``(x - mean) / std`` with the checkpoint
+statistics, invalid pixels 0) happens inside the differentiable path, so the budget is physical, not in normalised units.
 
 Modes (:data:`MODES`): untargeted on ``t1``, ``t2`` or ``both`` dates (maximise the BCE change loss
 against the label), and two targeted goals on both dates: ``hide`` (push labelled changes to
 no-change) and ``fake`` (push labelled no-change pixels to change). Scenes are attacked tile by
-tile on the tiling of ``changedet detect`` (:func:`evaluate_attack`), and the attacked tiles are
-blended like detect blends them.
+tile as an input transform of the one scene runner (:func:`attack_transform`, :func:`evaluate_attack`):
+detect's tiling, normalisation and blending.
 """
 
 from __future__ import annotations
@@ -25,11 +25,14 @@ import torch
 import torch.nn.functional as F
 
 from changedet.data.scenes import IGNORE, ChangeScene
-from changedet.data.stats import normalization_arrays
 from changedet.errors import ChangeDetError
 from changedet.evaluation.sensor import Sensor
+from changedet.metrics import ValidationResult
 from changedet.models import ChangeModel
-from changedet.train.evaluation import TileForward, ValidationResult, evaluate_scenes
+from changedet.normalization import Normalization
+from changedet.pipeline.inference import InputTransform, SceneRunner, TileBatch
+from changedet.pipeline.tiling import DEFAULT_BATCH_SIZE, DEFAULT_OVERLAP, DEFAULT_TILE
+from changedet.pipeline.validation import evaluate_scenes
 
 #: mode -> (goal, attacked dates)
 MODES: dict[str, tuple[str, str]] = {
@@ -40,8 +43,6 @@ MODES: dict[str, tuple[str, str]] = {
     "fake": ("fake", "both"),
 }
 METHODS = ("fgsm", "pgd")
-
-Normalization = tuple[tuple[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
 
 
 @dataclass(frozen=True)
@@ -103,18 +104,6 @@ class Attack:
         return {**asdict(self), "eps_255": round(self.eps * 255, 6), "goal": self.goal}
 
 
-def normalization_tensors(normalization: dict[str, Any], device: torch.device | str = "cpu") -> Normalization:
-    """Checkpoint statistics as ``((mean1, std1), (mean2, std2))`` tensors of shape ``(C, 1, 1)``."""
-    (m1, s1), (m2, s2) = normalization_arrays(normalization)
-    return tuple((torch.from_numpy(m).to(device), torch.from_numpy(s).to(device)) for m, s in ((m1, s1), (m2, s2)))  # type: ignore[return-value]
-
-
-def normalize(x: torch.Tensor, valid: torch.Tensor, stats: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
-    """``(x - mean) / std`` of raw ``x (B, C, h, w)``, 0 where ``valid (B, h, w)`` is False (as detect does)."""
-    mean, std = stats
-    return torch.where(valid[:, None], (x - mean) / std, 0.0)
-
-
 def attack_objective(logits: torch.Tensor, label: torch.Tensor, valid: torch.Tensor, goal: str) -> torch.Tensor:
     """Per-tile objective the attacker maximises, ``(B,)``.
 
@@ -156,7 +145,7 @@ def perturb(
     x2: torch.Tensor,
     valid: torch.Tensor,
     label: torch.Tensor,
-    stats: Normalization,
+    normalization: Normalization,
     sensor: Sensor,
     attack: Attack,
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -191,7 +180,7 @@ def perturb(
     for _ in range(attack.iterations):
         live = [d.requires_grad_(True) if d is not None else None for d in deltas]
         a1, a2 = inputs(live)
-        logits = model(normalize(a1, valid, stats[0]), normalize(a2, valid, stats[1])).logits
+        logits = model(normalization.apply_tensor(a1, valid, 0), normalization.apply_tensor(a2, valid, 1)).logits
         objective = attack_objective(logits, label, valid, attack.goal).sum()
         grads = torch.autograd.grad(objective, [d for d in live if d is not None])
         it = iter(grads)
@@ -203,42 +192,38 @@ def perturb(
     return a1.detach(), a2.detach()
 
 
-def attack_forward(
-    model: ChangeModel,
-    normalization: dict[str, Any],
-    sensor: Sensor,
-    attack: Attack,
-    device: torch.device | str = "cpu",
-) -> TileForward:
-    """A :data:`~changedet.train.evaluation.TileForward` that attacks each batch, then predicts it."""
-    stats = normalization_tensors(normalization, device)
+def attack_transform(sensor: Sensor, attack: Attack) -> InputTransform:
+    """An :data:`~changedet.pipeline.inference.InputTransform` that replaces each batch of raw tiles
+    by its adversarial version (white-box, through the runner's model and normalisation)."""
 
-    def forward(x1: np.ndarray, x2: np.ndarray, valid: np.ndarray, label: np.ndarray) -> np.ndarray:
-        t1, t2 = (torch.from_numpy(np.ascontiguousarray(x, np.float32)).to(device) for x in (x1, x2))
-        v = torch.from_numpy(valid).to(device)
-        y = torch.from_numpy(label.astype(np.int64)).to(device)
-        with frozen(model):
-            a1, a2 = perturb(model, t1, t2, v, y, stats, sensor, attack)
-        with torch.no_grad():
-            logits = model(normalize(a1, v, stats[0]), normalize(a2, v, stats[1])).logits
-        return torch.sigmoid(logits.float())[:, 0].cpu().numpy()
+    def transform(runner: SceneRunner, batch: TileBatch) -> tuple[np.ndarray, np.ndarray]:
+        if batch.label is None:
+            raise ChangeDetError("attacks need labelled scenes")
+        device = runner.device
+        t1, t2 = (torch.from_numpy(np.ascontiguousarray(x, np.float32)).to(device) for x in (batch.x1, batch.x2))
+        v = torch.from_numpy(batch.valid).to(device)
+        y = torch.from_numpy(batch.label.astype(np.int64)).to(device)
+        with frozen(runner.model):
+            a1, a2 = perturb(runner.model, t1, t2, v, y, runner.normalization, sensor, attack)
+        return a1.cpu().numpy(), a2.cpu().numpy()
 
-    return forward
+    return transform
 
 
 def evaluate_attack(
     model: ChangeModel,
     scenes: Sequence[ChangeScene],
-    normalization: dict[str, Any],
+    normalization: Normalization | dict[str, Any],
     sensor: Sensor,
     attack: Attack,
-    tile: int = 256,
-    overlap: int = 32,
-    batch_size: int = 8,
+    tile: int = DEFAULT_TILE,
+    overlap: int = DEFAULT_OVERLAP,
+    batch_size: int = DEFAULT_BATCH_SIZE,
     device: torch.device | str = "cpu",
     progress: Callable[[str], None] | None = None,
 ) -> ValidationResult:
-    """Attack every tile of every labelled scene (detect's tiling and blending) and collect the
-    per-scene probability histograms (metrics at any threshold: :meth:`ValidationResult.metrics`)."""
-    forward = attack_forward(model, normalization, sensor, attack, device)
-    return evaluate_scenes(model, scenes, normalization, tile, overlap, batch_size, device, progress=progress, forward=forward)
+    """Attack every tile of every labelled scene (detect's tiling, normalisation and blending, through
+    the one scene runner) and collect the per-scene probability histograms (metrics at any threshold:
+    :meth:`ValidationResult.metrics`)."""
+    transform = attack_transform(sensor, attack)
+    return evaluate_scenes(model, scenes, normalization, tile, overlap, batch_size, device, progress=progress, transform=transform)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from changedet.train.evaluation import ProbabilityHistogram
+from changedet.metrics import ProbabilityHistogram
 
 DEFAULT_ECE_BINS = 15
 
@@ -32,7 +32,7 @@ def expected_calibration_error(
 
 
 def histogram_ece(hist: ProbabilityHistogram, bins: int = DEFAULT_ECE_BINS) -> float:
-    """ECE from a :class:`~changedet.train.evaluation.ProbabilityHistogram` (what full-scene evaluation keeps).
+    """ECE from a :class:`~changedet.metrics.ProbabilityHistogram` (what full-scene evaluation keeps).
 
     Each fine bin stands for its centre probability, so the result is within ``0.5 / hist.bins``
     of :func:`expected_calibration_error` on the pixels themselves.

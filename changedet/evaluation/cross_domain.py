@@ -18,7 +18,8 @@ import rasterio
 from PIL import Image
 from rasterio.errors import NotGeoreferencedWarning
 
-from changedet.data.scenes import IGNORE, ChangeScene, SceneRecord
+from changedet.data.discovery import SceneRecord
+from changedet.data.scenes import IGNORE, ChangeScene
 
 #: Sentinel-2 band standing in for each Taizhou ETM+ band, in file order
 ETM_TO_S2 = ("B02", "B03", "B04", "B08", "B11", "B12")

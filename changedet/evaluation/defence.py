@@ -5,42 +5,85 @@ mode, parameters frozen: the attacker of the evaluation), then trains on
 ``clean_weight * L(clean) + (1 - clean_weight) * L(adversarial)`` (Madry et al. 2018 with a clean
 term, which keeps clean accuracy). Patches are raw values from a
 :class:`~changedet.data.datasets.PatchDataset` built with ``normalization=None`` and normalised
-inside the differentiable path, as in the evaluation.
+inside the differentiable path, as in the evaluation. The step is an :class:`AdversarialObjective` of the
+one :class:`~changedet.train.trainer.Trainer`.
 """
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
-from torch.utils.data import DataLoader
 
 from changedet.checkpoint import save_checkpoint
 from changedet.data.augment import PairedAugment
-from changedet.data.datasets import PatchDataset, collate_patches
+from changedet.data.datasets import PatchDataset
 from changedet.data.scenes import IGNORE
 from changedet.errors import ChangeDetError
 from changedet.evaluation.adversarial import (
     Attack,
     frozen,
-    normalization_tensors,
-    normalize,
     perturb,
 )
 from changedet.evaluation.loading import load_model, open_labelled_scenes
 from changedet.evaluation.sensor import Sensor, scene_sensor
 from changedet.losses import ChangeLoss, build_loss
 from changedet.models import ChangeModel
-from changedet.train.evaluation import evaluate_scenes
+from changedet.normalization import Normalization
+from changedet.train.config import TrainSettings
+from changedet.pipeline.validation import evaluate_scenes
+from changedet.train.objectives import Batch, Objective, StepContext, loss_name
+from changedet.train.trainer import Trainer
+
+
+class AdversarialObjective(Objective):
+    """PGD-AT step of :class:`~changedet.train.trainer.Trainer`: attack the raw batch, then train on
+    ``clean_weight * L(clean) + (1 - clean_weight) * L(adversarial)``; logs both terms."""
+
+    name = "pgd-at"
+
+    def __init__(
+        self, normalization: Normalization | dict[str, Any], sensor: Sensor, attack: Attack, loss: ChangeLoss, clean_weight: float = 0.5
+    ) -> None:
+        self.normalization = Normalization.of(normalization)
+        self.sensor = sensor
+        self.attack = attack
+        self.loss = loss
+        self.clean_weight = clean_weight
+
+    def _loss(self, model: ChangeModel, x1: torch.Tensor, x2: torch.Tensor, batch: Batch, ctx: StepContext) -> torch.Tensor:
+        """The loss of raw ``x1, x2``, normalised inside the differentiable path."""
+        valid = batch["valid"]
+        with ctx.autocast():
+            output = model(self.normalization.apply_tensor(x1, valid, 0), self.normalization.apply_tensor(x2, valid, 1))
+        return self.loss(output, batch["target"], valid)
+
+    def step(self, model: ChangeModel, batch: Batch, ctx: StepContext) -> tuple[torch.Tensor, dict[str, float]]:
+        """Attack with the model in eval mode and frozen (as the evaluation does), train on both terms."""
+        x1, x2, target, valid = (batch[k] for k in ("t1", "t2", "target", "valid"))
+        label = torch.where(valid, target.long(), IGNORE)
+        model.eval()
+        with frozen(model):
+            a1, a2 = perturb(model, x1, x2, valid, label, self.normalization, self.sensor, self.attack)
+        model.train()
+        clean = self._loss(model, x1, x2, batch, ctx)
+        adversarial = self._loss(model, a1, a2, batch, ctx)
+        total = self.clean_weight * clean + (1 - self.clean_weight) * adversarial
+        return total, {"clean": float(clean.detach()), "adversarial": float(adversarial.detach())}
+
+    def describe(self) -> dict[str, Any]:
+        """Loss, attack and clean weight."""
+        return {"loss": loss_name(self.loss), "attack": self.attack.to_dict(), "clean_weight": self.clean_weight}
 
 
 def adversarial_finetune(
     model: ChangeModel,
     data: PatchDataset,
-    normalization: dict[str, Any],
+    normalization: Normalization | dict[str, Any],
     sensor: Sensor,
     attack: Attack,
     loss: ChangeLoss,
@@ -52,37 +95,31 @@ def adversarial_finetune(
     device: torch.device | str = "cpu",
     progress: Callable[[int, float], None] | None = None,
 ) -> list[dict[str, float]]:
-    """Fine-tune ``model`` in place for ``steps`` optimiser steps; returns the per-step losses."""
+    """Fine-tune ``model`` in place for ``steps`` optimiser steps; returns the per-step losses.
+
+    :class:`AdversarialObjective` in the :class:`~changedet.train.trainer.Trainer`: AdamW (torch's
+    default weight decay 0.01) at a constant ``lr``, as many epochs of ``data`` as ``steps`` needs.
+    ``progress(step, loss)`` is called after every step.
+    """
     if data.normalization is not None:
         raise ChangeDetError("adversarial fine-tuning needs raw patches: build the PatchDataset with normalization=None")
-    stats = normalization_tensors(normalization, device)
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
-    torch.manual_seed(seed)
+    per_epoch = len(data) // batch_size
+    if not per_epoch:
+        raise ChangeDetError(f"adversarial fine-tuning needs at least batch_size ({batch_size}) patches, not {len(data)}")
+    settings = TrainSettings(
+        epochs=math.ceil(steps / per_epoch), max_steps=steps, batch_size=batch_size, lr=lr, weight_decay=0.01,
+        scheduler="constant", seed=seed, device=str(device), amp=False, progress=False, resume=False,
+    )  # fmt: skip
     history: list[dict[str, float]] = []
-    epoch = 0
-    while len(history) < steps:
-        data.set_epoch(epoch)
-        loader = DataLoader(data, batch_size=batch_size, shuffle=False, drop_last=True, collate_fn=collate_patches)
-        for batch in loader:
-            x1, x2, target, valid = (batch[k].to(device) for k in ("t1", "t2", "target", "valid"))
-            label = torch.where(valid, target.long(), IGNORE)
-            model.eval()
-            with frozen(model):
-                a1, a2 = perturb(model, x1, x2, valid, label, stats, sensor, attack)
-            model.train()
-            clean = loss(model(normalize(x1, valid, stats[0]), normalize(x2, valid, stats[1])), target, valid)
-            adv = loss(model(normalize(a1, valid, stats[0]), normalize(a2, valid, stats[1])), target, valid)
-            total = clean_weight * clean + (1 - clean_weight) * adv
-            optimizer.zero_grad(set_to_none=True)
-            total.backward()
-            optimizer.step()
-            history.append({"loss": float(total.detach()), "clean": float(clean.detach()), "adversarial": float(adv.detach())})
-            if progress:
-                progress(len(history), float(total))
-            if len(history) >= steps:
-                break
-        epoch += 1
-    model.eval()
+
+    def record(step: int, value: float, parts: dict[str, float]) -> None:
+        history.append({"loss": value, **parts})
+        if progress:
+            progress(step, value)
+
+    objective = AdversarialObjective(normalization, sensor, attack, loss, clean_weight)
+    Trainer(model, type(model).__name__, {}, objective, data, settings=settings, on_step=record).fit()
+    model.to(device).eval()
     return history
 
 

@@ -37,7 +37,10 @@ from changedet.errors import ChangeDetError
 from changedet.evaluation.adaptation import adabn, match_scene
 from changedet.evaluation.sensor import SENTINEL2_L1C, Sensor, scene_sensor
 from changedet.models import ChangeModel
-from changedet.train.evaluation import ValidationResult, evaluate_scenes
+from changedet.metrics import ValidationResult
+from changedet.normalization import Normalization
+from changedet.pipeline.tiling import DEFAULT_BATCH_SIZE, DEFAULT_OVERLAP, DEFAULT_TILE
+from changedet.pipeline.validation import evaluate_scenes
 
 SEVERITIES = (1, 2, 3, 4, 5)
 ADAPTATIONS = ("none", "adabn", "histmatch")
@@ -167,11 +170,6 @@ def _jpeg(r: np.ndarray, valid: np.ndarray, s: float, rng: np.random.Generator, 
     return rec.transpose(0, 1, 3, 2, 4).reshape(c, h + ph, w + pw)[:, :h, :w]
 
 
-def shift_names() -> list[str]:
-    """Registered shift names."""
-    return list(SHIFTS)
-
-
 def _check(name: str) -> Shift:
     if name not in SHIFTS:
         raise ChangeDetError(f"unknown domain shift {name!r}; choose one of {', '.join(SHIFTS)}")
@@ -216,20 +214,20 @@ def shift_scene(
 def evaluate_shift(
     model: ChangeModel,
     scenes: Sequence[ChangeScene],
-    normalization: dict[str, Any],
+    normalization: Normalization | dict[str, Any],
     shift: str | None,
     severity: float,
     adaptation: str = "none",
     dates: str = "t2",
-    tile: int = 256,
-    overlap: int = 32,
-    batch_size: int = 8,
+    tile: int = DEFAULT_TILE,
+    overlap: int = DEFAULT_OVERLAP,
+    batch_size: int = DEFAULT_BATCH_SIZE,
     device: torch.device | str = "cpu",
     seed: int = 0,
 ) -> ValidationResult:
     """Shift each scene (``shift=None``: as it is), optionally adapt (``adabn`` on that scene, or
     ``histmatch`` t2 onto t1), then evaluate it whole; per-scene histograms as
-    :func:`~changedet.train.evaluation.evaluate_scenes`."""
+    :func:`~changedet.pipeline.validation.evaluate_scenes`."""
     if adaptation not in ADAPTATIONS:
         raise ChangeDetError(f"unknown adaptation {adaptation!r}; choose one of {', '.join(ADAPTATIONS)}")
     out = {}

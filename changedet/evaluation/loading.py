@@ -8,10 +8,11 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
-from changedet.data.scenes import ChangeScene, discover_scenes, open_scenes
+from changedet.data.discovery import discover_scenes
+from changedet.data.scenes import ChangeScene, open_scenes
 from changedet.errors import InputError, ModelError
 from changedet.models import ChangeModel
-from changedet.predictor import ModelSpec, TilePredictor, resolve_model
+from changedet.pipeline.predictor import ModelSpec, TilePredictor, resolve_model
 
 
 @dataclass

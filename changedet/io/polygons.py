@@ -19,7 +19,7 @@ from rasterio.windows import Window
 from scipy import ndimage
 from shapely.geometry import shape
 
-from changedet.grid import Grid
+from changedet.pipeline.grid import Grid
 from changedet.io.scene import open_raster
 from changedet.io.writers import writing
 

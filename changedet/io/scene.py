@@ -1,7 +1,7 @@
 """Scene input: one date as a multi-band raster, a folder/glob of single-band files, or any GDAL raster.
 
 A :class:`Scene` is a list of :class:`BandSource` (file + band index + name + grid), nothing is read
-until a window is requested (see :mod:`changedet.align`).
+until a window is requested (see :mod:`changedet.pipeline.align`).
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from rasterio.errors import NotGeoreferencedWarning, RasterioError, RasterioIOEr
 from rasterio.windows import Window
 
 from changedet.errors import InputError
-from changedet.grid import Grid
+from changedet.pipeline.grid import Grid
 
 RASTER_SUFFIXES = (".tif", ".tiff", ".jp2", ".img", ".png", ".bmp", ".vrt")
 SENTINEL2_ORDER = ("B01", "B02", "B03", "B04", "B05", "B06", "B07", "B08", "B8A", "B09", "B10", "B11", "B12")

@@ -39,7 +39,7 @@ from rasterio.errors import NotGeoreferencedWarning
 from rasterio.windows import Window
 
 from changedet.errors import OutputError
-from changedet.grid import Grid
+from changedet.pipeline.grid import Grid
 
 BLOCK = 512
 FULL_DISK_BYTES = 1 << 20  # a file system with less free space than this counts as full

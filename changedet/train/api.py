@@ -3,7 +3,8 @@
 Steps (each a plain function, so an orchestrator can call them one by one):
 :func:`prepare_data` (discover scenes, split by group, open them, training statistics),
 :func:`build_model`, optional encoder initialisation / SimSiam pretraining
-(:func:`pretrain_encoder`), then :class:`~changedet.train.trainer.Trainer`.
+(:func:`pretrain_encoder`), then :class:`~changedet.train.trainer.Trainer` with the supervised objective
+and :meth:`TrainSettings.from_config <changedet.train.config.TrainSettings.from_config>`.
 """
 
 from __future__ import annotations
@@ -16,20 +17,25 @@ from typing import Any
 
 from changedet.data.augment import PairedAugment
 from changedet.data.datasets import PatchDataset
-from changedet.data.scenes import ChangeScene, discover_scenes, open_scenes
+from changedet.data.discovery import discover_scenes
+from changedet.data.scenes import ChangeScene, open_scenes
 from changedet.data.splits import describe_split, split_by_groups
 from changedet.data.stats import PER_SCENE, compute_normalization, per_scene_normalization
 from changedet.errors import InputError
 from changedet.io.writers import write_text
 from changedet.losses import build_loss
 from changedet.models import ChangeModel, create_model
-from changedet.train.config import TrainConfig, load_train_config, merge_overrides
+from changedet.train.checkpointing import checkpoint_metadata
+from changedet.train.config import TrainConfig, TrainSettings, load_train_config, merge_overrides
+from changedet.train.objectives import SupervisedObjective
+from changedet.train.results import TrainResult
 from changedet.train.simsiam import load_encoder_weights, pretrain_simsiam
-from changedet.train.trainer import Trainer, TrainResult, TrainSettings, checkpoint_metadata, pick_device
+from changedet.train.trainer import Trainer
 
 log = logging.getLogger(__name__)
 
 SIMSIAM_CHECKPOINT = "simsiam.safetensors"
+SIMSIAM_RUN = "simsiam"  # the pretraining Trainer's checkpoints, for resuming an interrupted pretraining
 
 
 @dataclass
@@ -113,10 +119,7 @@ def pretrain_encoder(cfg: TrainConfig, model: ChangeModel, data: PreparedData, o
         cfg.model.name, cfg.model.config, data.train[0].bands, data.normalization, 0.5,
         split={"pretraining_scenes": [s.name for s in scenes]},
     )  # fmt: skip
-    result = pretrain_simsiam(
-        model, dataset, ss.epochs, ss.batch_size, ss.lr, ss.weight_decay, ss.proj_dim, ss.pred_hidden, ss.min_scale,
-        pick_device(cfg.device), cfg.amp, cfg.seed, cfg.data.num_workers, path, meta, cfg.progress,
-    )  # fmt: skip
+    result = pretrain_simsiam(model, dataset, ss, TrainSettings.from_config(cfg), path, meta, run_dir=out_dir / SIMSIAM_RUN)
     return {
         "method": "simsiam",
         "checkpoint": str(path),
@@ -158,21 +161,14 @@ def train_from_config(config: str | Path | TrainConfig, overrides: dict[str, Any
         data.train, cfg.data.patch_size, data.normalization, augment, cfg.data.samples_per_epoch,
         cfg.data.change_fraction, cfg.seed,
     )  # fmt: skip
-    settings = TrainSettings(
-        epochs=cfg.epochs, batch_size=cfg.batch_size, lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay,
-        scheduler=cfg.optim.scheduler, warmup_epochs=cfg.optim.warmup_epochs, grad_clip=cfg.optim.grad_clip, ema_decay=cfg.optim.ema_decay,
-        device=cfg.device, amp=cfg.amp, seed=cfg.seed, patience=cfg.validation.patience,
-        val_every=cfg.validation.every, val_tile=cfg.validation.tile, val_overlap=cfg.validation.overlap,
-        val_batch_size=cfg.validation.batch_size, tune_threshold=cfg.validation.tune_threshold,
-        num_workers=cfg.data.num_workers, progress=cfg.progress, resume=cfg.resume,
-    )  # fmt: skip
     sources = [{"layout": src.layout, "root": str(src.root), "bands": src.bands} for src in cfg.data.source_list()]
     extra = {"data": {"sources": sources, "normalization": cfg.data.normalization}, "pretraining": pretraining}
     if cfg.data.channel_names:
         extra["channel_names"] = list(cfg.data.channel_names)
+    objective = SupervisedObjective(build_loss(cfg.loss.name, **cfg.loss.kwargs()))
     trainer = Trainer(
-        model, cfg.model.name, cfg.model.config, build_loss(cfg.loss.name, **cfg.loss.kwargs()), train_data,
-        data.val, data.normalization, out_dir, settings, data.split, extra,
+        model, cfg.model.name, cfg.model.config, objective, train_data, data.val, data.normalization, out_dir,
+        TrainSettings.from_config(cfg), data.split, extra,
     )  # fmt: skip
     result = trainer.fit()
     result.pretraining = pretraining

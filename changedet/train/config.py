@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import copy
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, PositiveInt, ValidationError, model_validator
@@ -46,6 +46,7 @@ class _Strict(BaseModel):
 
 
 Layout = Literal["auto", "oscd", "levir", "pairs"]
+NumWorkers = Annotated[int, Field(ge=0, description="DataLoader worker processes")]
 
 
 class SourceSection(_Strict):
@@ -79,7 +80,7 @@ class DataSection(_Strict):
     samples_per_epoch: PositiveInt = 1024
     change_fraction: float = Field(default=0.5, ge=0.0, le=1.0)
     cache_mb: int = Field(default=512, ge=0, description="in-memory cache budget for small scenes")
-    num_workers: int = Field(default=0, ge=0)
+    num_workers: NumWorkers = 0
     nodata: float | None = None
     resampling: Literal["nearest", "bilinear", "cubic", "average", "lanczos"] = "bilinear"
     shared_stats: bool | None = Field(default=None, description="pool both dates' statistics (None: when bands match)")
@@ -153,10 +154,12 @@ class LossSection(BaseModel):
 
 
 class OptimSection(_Strict):
-    """AdamW with an optional warm-up and cosine decay, and an optional EMA of the weights."""
+    """AdamW (or SGD) with an optional warm-up and cosine decay, and an optional EMA of the weights."""
 
+    optimizer: Literal["adamw", "sgd"] = "adamw"
     lr: float = Field(default=1e-3, gt=0)
     weight_decay: float = Field(default=1e-4, ge=0)
+    momentum: float = Field(default=0.9, ge=0, lt=1, description="SGD momentum")
     scheduler: Literal["cosine", "constant"] = "cosine"
     warmup_epochs: int = Field(default=0, ge=0)
     grad_clip: float | None = Field(default=None, gt=0)
@@ -198,7 +201,19 @@ class SimSiamSection(_Strict):
     min_scale: float = Field(default=0.4, gt=0, le=1)
 
 
-class TrainConfig(_Strict):
+class RunOptions(_Strict):
+    """How a training loop runs: the top-level keys of a training config, also part of :class:`TrainSettings`."""
+
+    epochs: PositiveInt = 50
+    batch_size: PositiveInt = 16
+    seed: int = 0
+    device: str = Field(default="auto", description="auto, cpu, cuda or cuda:N")
+    amp: bool = Field(default=True, description="mixed precision on CUDA (ignored on CPU)")
+    resume: bool = Field(default=True, description="continue from output_dir's last checkpoint if present")
+    progress: bool = True
+
+
+class TrainConfig(RunOptions):
     """A whole training run."""
 
     data: DataSection
@@ -208,21 +223,56 @@ class TrainConfig(_Strict):
     optim: OptimSection = Field(default_factory=OptimSection)
     validation: ValidationSection = Field(default_factory=ValidationSection)
     simsiam: SimSiamSection = Field(default_factory=SimSiamSection)
-    epochs: PositiveInt = 50
-    batch_size: PositiveInt = 16
-    seed: int = 0
-    device: str = Field(default="auto", description="auto, cpu, cuda or cuda:N")
-    amp: bool = Field(default=True, description="mixed precision on CUDA (ignored on CPU)")
     output_dir: Path = Path("outputs/train")
-    resume: bool = Field(default=True, description="continue from output_dir's last checkpoint if present")
     init_encoder: Path | None = Field(default=None, description="checkpoint whose encoder weights initialise the model")
-    progress: bool = True
 
     @model_validator(mode="after")
     def _consistent(self) -> "TrainConfig":
         if self.augment.swap and self.data.bands_t2 is not None and self.data.bands_t2 != self.data.bands:
             raise ValueError("augment.swap needs the same bands on both dates")
         return self
+
+
+class TrainSettings(RunOptions):
+    """What :class:`~changedet.train.trainer.Trainer` needs of a training config: the run options and the
+    ``optim`` and ``validation`` sections (:meth:`from_config` takes them from a :class:`TrainConfig`).
+
+    Besides ``optim=`` / ``validation=`` sections, their fields may be given flat: ``lr=``,
+    ``ema_decay=`` (optim), ``patience=``, ``val_tile=`` / ``val_every=`` (``validation.tile`` /
+    ``validation.every``).
+    """
+
+    optim: OptimSection = Field(default_factory=OptimSection)
+    validation: ValidationSection = Field(default_factory=ValidationSection)
+    num_workers: NumWorkers = 0
+    max_steps: PositiveInt | None = Field(default=None, description="stop after this many optimiser steps")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _flat_section_fields(cls, data: Any) -> Any:
+        if not isinstance(data, dict):
+            return data
+        out = dict(data)
+        for key, section, prefix in (("optim", OptimSection, ""), ("validation", ValidationSection, "val_")):
+            flat = {
+                name.removeprefix(prefix): out.pop(name)
+                for name in list(out)
+                if name not in cls.model_fields and name.removeprefix(prefix) in section.model_fields
+            }
+            if flat:
+                given = out.get(key) or {}
+                out[key] = {**(given.model_dump() if isinstance(given, BaseModel) else given), **flat}
+        return out
+
+    @classmethod
+    def from_config(cls, cfg: TrainConfig) -> "TrainSettings":
+        """The settings of ``cfg`` (its own ``optim`` and ``validation`` sections, ``data.num_workers``)."""
+        run = {name: getattr(cfg, name) for name in RunOptions.model_fields}
+        return cls(**run, optim=cfg.optim, validation=cfg.validation, num_workers=cfg.data.num_workers)
+
+    def updated(self, **values: Any) -> "TrainSettings":
+        """A validated copy with ``values`` (fields, or flat section fields) replaced."""
+        return TrainSettings.model_validate({**self.model_dump(), **values})
 
 
 def _resolve(path: Path, base: Path | None) -> Path:

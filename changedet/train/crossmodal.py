@@ -2,7 +2,8 @@
 
 The two unshared branches of a pseudo-Siamese model embed two modalities (hyperspectral vs LiDAR,
 optical vs SAR) of the same locations. :func:`train_cross_modal` trains them with a
-:class:`~changedet.losses.ChangeLoss` on their per-date embeddings, by default
+:class:`~changedet.losses.ChangeLoss` on their per-date embeddings (a supervised step of the one
+:class:`~changedet.train.trainer.Trainer`), by default
 :class:`~changedet.losses.CrossModalLoss`: the two embeddings of one unchanged location are a
 positive pair, other locations are negatives (hard-negative mining; changed locations of a change
 pair are negatives of themselves). Batches are the :class:`~changedet.data.PatchDataset` dicts
@@ -28,6 +29,9 @@ from torch import nn
 
 from changedet.losses import ChangeLoss, CrossModalLoss
 from changedet.models import ChangeModel
+from changedet.train.config import TrainSettings
+from changedet.train.objectives import SupervisedObjective
+from changedet.train.trainer import Trainer
 
 
 def pixel_batches(x1: np.ndarray, x2: np.ndarray, batch_size: int, steps: int, seed: int = 0) -> Iterator[dict[str, torch.Tensor]]:
@@ -45,32 +49,22 @@ def pixel_batches(x1: np.ndarray, x2: np.ndarray, batch_size: int, steps: int, s
         }
 
 
-def train_cross_modal(
-    model: ChangeModel,
-    batches: Iterable[dict[str, Any]],
-    loss: ChangeLoss | None = None,
-    lr: float = 1e-3,
-    weight_decay: float = 1e-4,
-) -> list[float]:
-    """Train ``model``'s branches on every batch of ``batches`` (AdamW); returns the loss per step.
+def train_cross_modal(model: ChangeModel, batches: Iterable[dict[str, Any]], loss: ChangeLoss | None = None, **options: Any) -> list[float]:
+    """Train ``model``'s branches on every batch of ``batches``; returns the loss per step.
 
-    ``loss`` defaults to :class:`~changedet.losses.CrossModalLoss` (hard-negative contrastive
-    pairs + triplet). Steps with a non-finite loss are skipped.
+    One :class:`~changedet.train.trainer.Trainer` epoch of a
+    :class:`~changedet.train.objectives.SupervisedObjective` with ``loss`` (default
+    :class:`~changedet.losses.CrossModalLoss`: hard-negative contrastive pairs + triplet): AdamW at a
+    constant learning rate, on the model's device, without AMP, checkpoints or progress bars.
+    ``options`` are :class:`~changedet.train.config.TrainSettings` keywords overriding that
+    (``lr=3e-3``, ``weight_decay=...``). Steps with a non-finite loss are skipped.
     """
-    loss = loss or CrossModalLoss()
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
-    model.train()
-    history = []
-    for batch in batches:
-        value = loss(model(batch["t1"], batch["t2"]), batch["target"], batch["valid"])
-        if not torch.isfinite(value):
-            continue
-        optimizer.zero_grad(set_to_none=True)
-        value.backward()
-        optimizer.step()
-        history.append(float(value.detach()))
-    model.eval()
+    device = next(model.parameters()).device
+    settings = TrainSettings(**{"epochs": 1, "scheduler": "constant", "device": str(device), "amp": False, "progress": False, **options})
+    history: list[float] = []
+    objective = SupervisedObjective(loss or CrossModalLoss())
+    Trainer(model, type(model).__name__, {}, objective, batches, settings=settings, on_step=lambda _, value, __: history.append(value)).fit()
+    model.to(device).eval()
     return history
 
 

@@ -14,8 +14,11 @@ exactly the changes it has to detect.
 **Collapse tracking.** SimSiam can collapse to a constant output, where the loss reaches -1
 while the features carry no information. :func:`embedding_std` (the per-dimension standard
 deviation of the L2-normalised projections over a batch, averaged over dimensions) is about
-``1/sqrt(d)`` for healthy, spread-out embeddings and goes to 0 on collapse; it is logged every
+``1/sqrt(d)`` for healthy, spread-out embeddings and goes to 0 on collapse; it is recorded every
 epoch next to that reference value.
+
+:class:`SimSiamObjective` is the step of :class:`~changedet.train.trainer.Trainer` (so pretraining
+gets its checkpoints, resume, progress bars and history); :func:`pretrain_simsiam` runs it.
 
 After pretraining, the whole model is saved with :func:`changedet.checkpoint.save_checkpoint`
 (decoder still random); :func:`load_encoder_weights` copies only the encoder weights of such a
@@ -26,7 +29,6 @@ from __future__ import annotations
 
 import logging
 import math
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -34,13 +36,14 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.data import DataLoader
-from tqdm.auto import tqdm
 
-from changedet.checkpoint import load_state_dict, read_metadata, save_checkpoint
-from changedet.data.datasets import PatchDataset, collate_patches
+from changedet.checkpoint import load_state_dict, save_checkpoint
+from changedet.data.datasets import PatchDataset
 from changedet.errors import ModelError
 from changedet.models import ChangeModel
+from changedet.train.config import OptimSection, SimSiamSection, TrainSettings
+from changedet.train.objectives import Batch, Objective, StepContext
+from changedet.train.trainer import Trainer
 
 log = logging.getLogger(__name__)
 
@@ -211,8 +214,71 @@ class ViewAugment:
 
 
 # --------------------------------------------------------------------------------------------
-# pretraining loop
+# the objective and its entry point
 # --------------------------------------------------------------------------------------------
+
+
+class SimSiamObjective(Objective):
+    """SimSiam on two views of one date per encoder (both dates for a weight-shared encoder).
+
+    Trains the encoders with their projection and prediction heads (the predictor at a fixed
+    learning rate, as in the paper); the decoder is untouched. Each epoch reports the mean
+    :func:`embedding_std` per encoder next to its healthy value ``1/sqrt(proj_dim)``.
+    """
+
+    name = "simsiam"
+
+    def __init__(self, model: ChangeModel, patch_size: int, config: SimSiamSection, seed: int = 0) -> None:
+        self.encoders = find_encoders(model)
+        self.heads = nn.ModuleDict({n: SimSiam(enc, config.proj_dim, config.pred_hidden) for n, (enc, _) in self.encoders.items()})
+        stride = max(getattr(enc, "output_stride", 1) for enc, _ in self.encoders.values())
+        self.augment = ViewAugment(int(math.ceil(patch_size / stride) * stride), config.min_scale)
+        self.generator = torch.Generator().manual_seed(seed)
+        self.healthy_std = {n: 1 / math.sqrt(config.proj_dim) for n in self.heads}
+        self._stds: dict[str, list[float]] = {n: [] for n in self.heads}
+
+    def setup(self, device: torch.device) -> None:
+        """Heads to ``device``, in training mode."""
+        self.heads.to(device).train()
+
+    def param_groups(self, model: ChangeModel) -> list[dict[str, Any]]:
+        """Encoders and projectors, then the predictors (``fixed_lr``)."""
+        predictor = [p for head in self.heads.values() for p in head.predictor.parameters()]
+        ids = {id(p) for p in predictor}
+        return [{"params": [p for p in self.heads.parameters() if id(p) not in ids]}, {"params": predictor, "fixed_lr": True}]
+
+    def step(self, model: ChangeModel, batch: Batch, ctx: StepContext) -> tuple[torch.Tensor, dict[str, float]]:
+        """The symmetric SimSiam loss averaged over the encoders."""
+        dates = (batch["t1"], batch["t2"])
+        total = torch.zeros((), device=ctx.device)
+        with ctx.autocast():
+            for name, (_, encodes) in self.encoders.items():
+                x = torch.cat([dates[d] for d in encodes])
+                loss, z_a, _ = self.heads[name](self.augment(x, self.generator), self.augment(x, self.generator))
+                total = total + loss.float() / len(self.encoders)
+                self._stds[name].append(embedding_std(z_a))
+        return total, {}
+
+    def epoch_metrics(self) -> dict[str, Any]:
+        """Mean embedding std per encoder over the epoch, and the healthy values (a warning on collapse)."""
+        stds = {n: sum(v) / max(len(v), 1) for n, v in self._stds.items()}
+        self._stds = {n: [] for n in self._stds}
+        collapsed = [n for n, v in stds.items() if v < 0.1 * self.healthy_std[n]]
+        if collapsed:
+            log.warning("simsiam: %s collapsed (embedding std %s, healthy ~%.4f)", collapsed, stds, next(iter(self.healthy_std.values())))
+        return {"embedding_std": stds, "healthy_std": self.healthy_std}
+
+    def state_dict(self) -> dict[str, Any]:
+        """Projector and predictor weights, and the view generator."""
+        heads = {n: {"projector": h.projector.state_dict(), "predictor": h.predictor.state_dict()} for n, h in self.heads.items()}
+        return {"heads": heads, "generator": self.generator.get_state()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore :meth:`state_dict`."""
+        for name, head in self.heads.items():
+            head.projector.load_state_dict(state["heads"][name]["projector"])
+            head.predictor.load_state_dict(state["heads"][name]["predictor"])
+        self.generator.set_state(state["generator"])
 
 
 @dataclass
@@ -232,113 +298,59 @@ class SimSiamResult:
 def pretrain_simsiam(
     model: ChangeModel,
     dataset: PatchDataset,
-    epochs: int = 20,
-    batch_size: int = 32,
-    lr: float = 0.05,
-    weight_decay: float = 1e-4,
-    proj_dim: int = 512,
-    pred_hidden: int = 128,
-    min_scale: float = 0.4,
-    device: str | torch.device = "cpu",
-    amp: bool = False,
-    seed: int = 0,
-    num_workers: int = 0,
+    config: SimSiamSection | None = None,
+    settings: TrainSettings | None = None,
     out_path: str | Path | None = None,
     metadata: dict[str, Any] | None = None,
-    progress: bool = True,
+    run_dir: str | Path | None = None,
+    **options: Any,
 ) -> SimSiamResult:
     """Pretrain ``model``'s encoder(s) in place with SimSiam on ``dataset``'s (unlabelled) patches.
 
     SGD (momentum 0.9) with ``lr * batch_size / 256`` and cosine decay; the predictor keeps a
     fixed learning rate (as in the paper). A pseudo-Siamese model pretrains each date's encoder on
-    its own date. ``out_path`` (with ``metadata``: at least ``model`` and ``config``) saves the
-    whole model after pretraining, for :func:`load_encoder_weights`.
+    its own date.
+
+    Args:
+        config: the ``simsiam`` section of a training config (epochs, batch size, lr, heads).
+        settings: device, AMP, seed, workers, progress and resume of the run (default: CPU, no AMP);
+            its epochs, batch size and optimiser come from ``config``.
+        out_path: with ``metadata`` (at least ``model`` and ``config``), saves the whole model after
+            pretraining, for :func:`load_encoder_weights`.
+        run_dir: where the :class:`~changedet.train.trainer.Trainer` keeps its checkpoints, so that
+            an interrupted pretraining resumes; None: none kept.
+        options: fields of ``config`` or ``settings`` overriding them (``epochs=2, progress=False``).
     """
-    device = torch.device(device)
-    torch.manual_seed(seed)
-    encoders = find_encoders(model)
-    heads = nn.ModuleDict({name: SimSiam(enc, proj_dim, pred_hidden) for name, (enc, _) in encoders.items()}).to(device)
-    model.to(device)
-    size = dataset.patch_size
-    stride = max(getattr(enc, "output_stride", 1) for enc, _ in encoders.values())
-    size = int(math.ceil(size / stride) * stride)
-    augment = ViewAugment(size, min_scale)
-    base_lr = lr * batch_size / 256
-    predictor_params = [p for h in heads.values() for p in h.predictor.parameters()]
-    predictor_ids = {id(p) for p in predictor_params}
-    other = [p for p in heads.parameters() if id(p) not in predictor_ids]
-    optimizer = torch.optim.SGD(
-        [{"params": other}, {"params": predictor_params}], lr=base_lr, momentum=0.9, weight_decay=weight_decay
+    own = {k: options.pop(k) for k in list(options) if k in SimSiamSection.model_fields}
+    config = SimSiamSection.model_validate({**(config or SimSiamSection()).model_dump(), **own})
+    settings = (settings or TrainSettings(device="cpu", amp=False)).updated(
+        **options,
+        epochs=config.epochs,
+        batch_size=config.batch_size,
+        optim=OptimSection(optimizer="sgd", lr=config.lr * config.batch_size / 256, weight_decay=config.weight_decay),
     )
-    steps_per_epoch = max(1, len(dataset) // batch_size)
-    total = epochs * steps_per_epoch
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, [lambda s: 0.5 * (1 + math.cos(math.pi * min(s, total) / total)), lambda s: 1.0]
-    )
-    scaler = torch.amp.GradScaler(device.type, enabled=amp and device.type == "cuda")
-    generator = torch.Generator().manual_seed(seed)
-    healthy = {name: 1 / math.sqrt(proj_dim) for name in heads}
-    result = SimSiamResult(None, [], healthy)
-    heads.train()
-    for epoch in range(epochs):
-        start = time.perf_counter()
-        dataset.set_epoch(epoch)
-        loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, drop_last=True, num_workers=num_workers, collate_fn=collate_patches)
-        losses: list[float] = []
-        stds: dict[str, list[float]] = {name: [] for name in heads}
-        bar = tqdm(loader, desc=f"simsiam {epoch + 1}/{epochs}", leave=False, disable=not progress)
-        for batch in bar:
-            loss_total = torch.zeros((), device=device)
-            dates = (batch["t1"], batch["t2"])
-            with torch.autocast(device.type, enabled=amp and device.type == "cuda"):
-                for name, (_, encodes) in encoders.items():
-                    x = torch.cat([dates[d] for d in encodes]).to(device)
-                    view_a, view_b = augment(x, generator), augment(x, generator)
-                    loss, z_a, _ = heads[name](view_a, view_b)
-                    loss_total = loss_total + loss.float() / len(encoders)
-                    stds[name].append(embedding_std(z_a))
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(loss_total).backward()
-            scaler.step(optimizer)
-            scaler.update()
-            scheduler.step()
-            losses.append(float(loss_total.detach()))
-            bar.set_postfix(loss=f"{losses[-1]:.3f}", std=f"{stds[next(iter(stds))][-1]:.3f}")
-        entry = {
-            "epoch": epoch + 1,
-            "loss": sum(losses) / max(len(losses), 1),
-            "embedding_std": {n: sum(v) / max(len(v), 1) for n, v in stds.items()},
-            "healthy_std": healthy,
-            "seconds": time.perf_counter() - start,
-        }
-        result.history.append(entry)
-        collapsed = [n for n, v in entry["embedding_std"].items() if v < 0.1 * healthy[n]]
-        line = (
-            f"simsiam epoch {epoch + 1}/{epochs}: loss {entry['loss']:.4f}, embedding std "
-            + ", ".join(f"{n} {v:.4f}" for n, v in entry["embedding_std"].items())
-            + f" (healthy ~{next(iter(healthy.values())):.4f})"
-            + (" COLLAPSED" if collapsed else "")
-        )
-        log.info(line)
-        if progress:
-            tqdm.write(line)
-    model.cpu()
+    meta = dict(metadata or {})
+    torch.manual_seed(settings.seed)
+    objective = SimSiamObjective(model, dataset.patch_size, config, settings.seed)
+    trainer = Trainer(
+        model, str(meta.get("model", type(model).__name__)), meta.get("config", {}), objective, dataset,
+        normalization=dataset.normalization, out_dir=run_dir, settings=settings,
+    )  # fmt: skip
+    history = [
+        {"epoch": h["epoch"], "loss": h["train_loss"], "embedding_std": h["embedding_std"], "healthy_std": h["healthy_std"], "seconds": h["train_seconds"]}
+        for h in trainer.fit().history
+    ]  # fmt: skip
+    result = SimSiamResult(None, history, objective.healthy_std)
     if out_path is not None:
-        meta = dict(metadata or {})
         meta["pretraining"] = {
             "method": "simsiam",
-            "epochs": epochs,
-            "batch_size": batch_size,
-            "proj_dim": proj_dim,
-            "pred_hidden": pred_hidden,
-            "encoders": list(encoders),
-            "history": result.history,
+            "epochs": config.epochs,
+            "batch_size": config.batch_size,
+            "proj_dim": config.proj_dim,
+            "pred_hidden": config.pred_hidden,
+            "encoders": list(objective.encoders),
+            "history": history,
         }
         save_checkpoint(out_path, model, meta)
         result.checkpoint = Path(out_path)
     return result
-
-
-def checkpoint_model_name(path: str | Path) -> str:
-    """The registry name stored in a checkpoint (to check an encoder checkpoint matches)."""
-    return str(read_metadata(path).get("model"))

@@ -1,4 +1,8 @@
-"""Overlapping tiles over a grid: fixed-size windows, edge tiles shifted inwards (no lost borders)."""
+"""Overlapping tiles over a grid: fixed-size windows, edge tiles shifted inwards (no lost borders).
+
+:class:`Tiling` holds how a scene is cut and blended back (tile size, overlap, blend mode) with the
+defaults and bounds every path shares: detect, training validation and the evaluation stages.
+"""
 
 from __future__ import annotations
 
@@ -7,6 +11,12 @@ from dataclasses import dataclass
 from rasterio.windows import Window
 
 from changedet.errors import ChangeDetError
+
+DEFAULT_TILE = 256
+DEFAULT_OVERLAP = 32
+MIN_TILE = 16  # smaller tiles give most models more padding than scene
+BLEND_MODES = ("cosine", "mean")
+DEFAULT_BATCH_SIZE = 8  # tiles read and predicted together
 
 
 @dataclass(frozen=True)
@@ -37,10 +47,29 @@ def tile_offsets(size: int, tile: int, overlap: int) -> list[int]:
 
 def validate_tiling(tile: int, overlap: int) -> None:
     """Raise :class:`ChangeDetError` for a tile size/overlap that cannot work."""
-    if tile < 16:
-        raise ChangeDetError(f"--tile must be at least 16 px, got {tile}")
+    if tile < MIN_TILE:
+        raise ChangeDetError(f"--tile must be at least {MIN_TILE} px, got {tile}")
     if not 0 <= overlap < tile:
         raise ChangeDetError(f"--overlap must be in [0, tile) = [0, {tile}), got {overlap}")
+
+
+@dataclass(frozen=True)
+class Tiling:
+    """How a scene is cut into tiles and blended back: ``tile`` px squares overlapping by at least
+    ``overlap`` px, overlaps blended with ``blend`` (:data:`BLEND_MODES`)."""
+
+    tile: int = DEFAULT_TILE
+    overlap: int = DEFAULT_OVERLAP
+    blend: str = "cosine"
+
+    def __post_init__(self) -> None:
+        validate_tiling(self.tile, self.overlap)
+        if self.blend not in BLEND_MODES:
+            raise ChangeDetError(f"--blend must be one of {', '.join(BLEND_MODES)}, got {self.blend!r}")
+
+    def plan(self, height: int, width: int) -> list[Tile]:
+        """:func:`plan_tiles` of a ``height`` × ``width`` grid."""
+        return plan_tiles(height, width, self.tile, self.overlap)
 
 
 def plan_tiles(height: int, width: int, tile: int, overlap: int) -> list[Tile]:

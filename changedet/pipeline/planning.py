@@ -14,56 +14,23 @@ import hashlib
 import json
 import time
 import warnings
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 
-from changedet.align import AlignedPair, PairReader, align_pair
-from changedet.data.stats import date_statistics
-from changedet.errors import ChangeDetError, InputError, ModelError
+from changedet.errors import InputError, ModelError
+from changedet.normalization import Normalization
+from changedet.pipeline.align import AlignedPair, PairReader, align_pair
+from changedet.pipeline.params import DEFAULT_MODEL, DetectParams
 from changedet.io.bands import model_roles, order_for_model, order_like, scene_roles
 from changedet.io.scene import Scene, open_scene
-from changedet.predictor import DEFAULT_MODEL, ModelSpec, SceneFit, TilePredictor, auto_model, resolve_model
-from changedet.tiling import Tile, plan_tiles, validate_tiling
-from changedet.tilestore import TileStore
+from changedet.pipeline.predictor import ModelSpec, SceneFit, TilePredictor, auto_model, resolve_model
+from changedet.pipeline.tiling import Tile
+from changedet.pipeline.tilestore import TileStore
 
 MIN_SCENE_PIXELS = 100  # valid pixels a model needs to estimate scene statistics (CVA's Otsu, per-scene norms)
 SCALE_DECADES = 1.0  # refuse a date whose typical band level is more than 10x off the model's training data
-
-
-@dataclass
-class DetectParams:
-    """User-facing parameters of one detect run (what the CLI flags set)."""
-
-    model: str = DEFAULT_MODEL
-    tile: int = 256
-    overlap: int = 32
-    threshold: float | None = None
-    crs: str | None = None
-    resolution: float | None = None
-    bands: Sequence[str] | None = None
-    nodata: float | None = None
-    resampling: str = "bilinear"
-    blend: str = "cosine"
-    batch_size: int = 8
-    device: str = "cpu"
-    runtime: str = "torch"
-    threads: int | None = None  # torch intra-op threads per worker (None: torch's default)
-    sample_tiles: int = 16
-    seed: int = 0
-    max_pixels: int = 1 << 32  # refuse larger common grids (a corrupt or absurd declared size)
-
-    def validate(self) -> None:
-        """Raise :class:`ChangeDetError` with the reason for impossible settings."""
-        validate_tiling(self.tile, self.overlap)
-        if self.threshold is not None and not 0.0 <= self.threshold <= 1.0:
-            raise ChangeDetError(f"--threshold must be within [0, 1], got {self.threshold}")
-        if self.batch_size < 1:
-            raise ChangeDetError(f"--batch-size must be >= 1, got {self.batch_size}")
-        if self.max_pixels < 1:
-            raise ChangeDetError(f"--max-pixels must be >= 1, got {self.max_pixels}")
 
 
 @dataclass
@@ -80,6 +47,11 @@ class RunPlan:
     fingerprint: str
     timings: dict[str, float] = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)
+    predictor: TilePredictor | None = field(default=None, repr=False, compare=False)
+
+    def __getstate__(self) -> dict:
+        """Pickled without the planning process's model: other processes build their own."""
+        return {**self.__dict__, "predictor": None}
 
 
 def _hash_file(path: str, digest: "hashlib._Hash", chunk: int = 1 << 22) -> None:
@@ -98,7 +70,7 @@ def content_fingerprint(t1: Scene, t2: Scene, spec: ModelSpec, params: DetectPar
         digest.update(json.dumps([(b.name, b.index) for b in scene.bands]).encode())
     if spec.checkpoint is not None:
         _hash_file(str(spec.checkpoint), digest)
-    settings = {k: v for k, v in asdict(params).items() if k not in ("model", "threshold", "device", "threads", "max_pixels")}
+    settings = {k: v for k, v in params.model_dump().items() if k not in ("model", "threshold", "device", "threads", "max_pixels")}
     settings["model"] = spec.name
     digest.update(json.dumps(settings, sort_keys=True, default=str).encode())
     return digest.hexdigest()
@@ -111,7 +83,7 @@ def _model_label(params: DetectParams, spec: ModelSpec) -> str:
 def open_inputs(t1: str | Path, t2: str | Path, params: DetectParams) -> tuple[Scene, Scene, ModelSpec]:
     """Validate parameters, resolve the model and open both dates with the model's bands, in the
     model's order (by band name for checkpoints with ``bands``, by declared role for ``channel_names``)."""
-    params.validate()
+    first = None
     if params.model == DEFAULT_MODEL:
         first = open_scene(t1, params.bands, params.nodata)
         spec = auto_model(first.band_names, scene_roles(first))
@@ -125,7 +97,8 @@ def open_inputs(t1: str | Path, t2: str | Path, params: DetectParams) -> tuple[S
                 f"--bands {','.join(bands1)} does not match (omit --bands to let the model pick its bands)"
             )
         bands1, bands2 = spec.bands
-    scene1, scene2 = open_scene(t1, bands1, params.nodata), open_scene(t2, bands2, params.nodata)
+    scene1 = first if first is not None and spec.bands is None else open_scene(t1, bands1, params.nodata)
+    scene2 = open_scene(t2, bands2, params.nodata)
     if not spec.heterogeneous:  # band-by-band models: t2's bands in t1's order by declared role
         scene2 = order_like(scene1, scene2)
     roles = model_roles(spec.metadata.get("channel_names")) if spec.bands is None else None
@@ -233,21 +206,23 @@ def _check_radiometry(pair: AlignedPair, tiles: list[Tile], spec: ModelSpec, mod
             )
 
 
-def plan_run(t1: str | Path, t2: str | Path, params: DetectParams) -> RunPlan:
+def plan_run(t1: str | Path, t2: str | Path, params: DetectParams, fingerprint: str | None = None) -> RunPlan:
     """Open both dates, resolve the model (choosing its bands), align, plan tiles, fit the scene.
 
-    Warnings raised while planning are shown and kept in :attr:`RunPlan.warnings`.
+    ``fingerprint``: the :func:`input_fingerprint` of these inputs when the caller has it already
+    (the flow's cache key), so the input bytes are hashed once. Warnings raised while planning are
+    shown and kept in :attr:`RunPlan.warnings`.
     """
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        plan = _plan(t1, t2, params)
+        plan = _plan(t1, t2, params, fingerprint)
     for w in caught:
         warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
     plan.warnings.extend(dict.fromkeys(str(w.message) for w in caught if issubclass(w.category, UserWarning)))
     return plan
 
 
-def _plan(t1: str | Path, t2: str | Path, params: DetectParams) -> RunPlan:
+def _plan(t1: str | Path, t2: str | Path, params: DetectParams, fingerprint: str | None) -> RunPlan:
     start = time.perf_counter()
     scene1, scene2, spec = open_inputs(t1, t2, params)
     pair = align_pair(scene1, scene2, params.crs, params.resolution, params.resampling, spec.heterogeneous)
@@ -260,7 +235,7 @@ def _plan(t1: str | Path, t2: str | Path, params: DetectParams) -> RunPlan:
     label = _model_label(params, spec)
     predictor = TilePredictor(spec, (scene1.count, scene2.count), params.device, params.runtime)
     _check_model_input_size(pair, predictor, label)
-    tiles = plan_tiles(pair.grid.height, pair.grid.width, params.tile, params.overlap)
+    tiles = params.tiling.plan(pair.grid.height, pair.grid.width)
     _check_radiometry(pair, tiles, spec, label)
     batches = [list(range(i, min(i + params.batch_size, len(tiles)))) for i in range(0, len(tiles), params.batch_size)]
     threshold = params.threshold if params.threshold is not None else float(spec.metadata.get("threshold", 0.5))
@@ -268,14 +243,14 @@ def _plan(t1: str | Path, t2: str | Path, params: DetectParams) -> RunPlan:
     start = time.perf_counter()
     if spec.per_scene_normalization:  # exact statistics of the whole scene, as in training
         with PairReader(pair) as reader:
-            predictor.set_scene_statistics(date_statistics(reader.read, pair.grid.height, pair.grid.width))
+            predictor.set_normalization(Normalization.of_pair(reader.read, pair.grid.height, pair.grid.width))
     if predictor.needs_samples:
         predictor.fit_scene(*_sample_pixels(pair, tiles, params, label))
     timings["sample_s"] = time.perf_counter() - start
     start = time.perf_counter()
-    fingerprint = content_fingerprint(scene1, scene2, spec, params)
+    fingerprint = fingerprint or content_fingerprint(scene1, scene2, spec, params)
     timings["fingerprint_s"] = time.perf_counter() - start
-    return RunPlan(pair, tiles, batches, spec, params, threshold, predictor.scene_fit(), fingerprint, timings)
+    return RunPlan(pair, tiles, batches, spec, params, threshold, predictor.scene_fit(), fingerprint, timings, predictor=predictor)
 
 
 def open_tile_store(plan: RunPlan, root: str | Path) -> TileStore:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
@@ -10,17 +9,17 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
-from changedet.allocator import keep_freed_memory
 from changedet.checkpoint import load_state_dict, read_metadata
-from changedet.data.stats import PER_SCENE
-from changedet.edge import to_runtime
+from changedet.normalization import PER_SCENE, Normalization
+from changedet.pipeline.inference import SceneRunner, TileBatch
+from changedet.pipeline.tiling import DEFAULT_BATCH_SIZE, Tiling
+from changedet.runtime.memory import keep_freed_memory
+from changedet.runtime.onnx import to_runtime
 from changedet.errors import ModelError
 from changedet.io.bands import COLOUR_ROLES
 from changedet.models import ChangeModel, create_model, model_entry
 from changedet.weights import bundled_checkpoint
 
-DEFAULT_MODEL = "auto"
-CPU_PIXELS_PER_CALL = 1 << 17  # see TilePredictor._calls
 AUTO_BUNDLED = "oscd-s2"
 AUTO_RGB = "rgb"
 
@@ -29,11 +28,11 @@ AUTO_RGB = "rgb"
 class SceneFit:
     """Scene statistics fitted once per run and shipped to every worker.
 
-    ``normalization``: per date ``(mean, std)`` per band; ``buffers``: fitted model buffers
+    ``normalization``: the statistics applied to this scene; ``buffers``: fitted model buffers
     (e.g. CVA's statistics and Otsu threshold), empty for trained models.
     """
 
-    normalization: tuple[tuple[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]]
+    normalization: Normalization
     buffers: dict[str, np.ndarray] = field(default_factory=dict)
 
 
@@ -136,7 +135,10 @@ def resolve_device(device: str) -> torch.device:
 
 
 class TilePredictor:
-    """Runs a :class:`ChangeModel` on batches of aligned tiles and returns probability and difference."""
+    """The model of one run, built once per process: registry model or checkpoint weights, moved to
+    its device and runtime, with the normalisation (the checkpoint's statistics, the scene's own for
+    per-scene checkpoints, or samples of the scene) and any scene fit (CVA). Predictions go through
+    the one :class:`~changedet.pipeline.inference.SceneRunner` (:meth:`runner`)."""
 
     def __init__(self, spec: ModelSpec, in_channels: tuple[int, int], device: str = "cpu", runtime: str = "torch") -> None:
         self.spec = spec
@@ -163,33 +165,29 @@ class TilePredictor:
             if self.device.type != "cpu":
                 raise ModelError(f"--runtime {runtime} runs on the CPU; drop --device {device}")
             self.model = to_runtime(self.model, runtime)
-        self.normalization: tuple[tuple[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]] | None = None
         norm = spec.metadata.get("normalization")
+        self.normalization: Normalization | None = None
         if norm is not None and not spec.per_scene_normalization:
-            self.set_scene_statistics(norm)
-        self.model_seconds = 0.0
+            self.normalization = Normalization.of(norm)
+        self._runner: SceneRunner | None = None
 
     @property
     def needs_samples(self) -> bool:
         """True when the scene must be sampled first (scene-adaptive model or no stored statistics);
-        per-scene models get exact statistics from :meth:`set_scene_statistics` instead."""
+        per-scene models get exact statistics from :meth:`set_normalization` instead."""
         return self.model.needs_scene_fit or (self.normalization is None and not self.spec.per_scene_normalization)
 
-    def set_scene_statistics(self, stats: dict[str, Any]) -> None:
-        """Adopt ``{"t1": {"mean", "std"}, "t2": ...}``: the checkpoint's statistics, or a scene's own
-        (:func:`changedet.data.stats.date_statistics`) for per-scene models."""
-        self.normalization = tuple(
-            (np.asarray(stats[d]["mean"], np.float32), np.asarray(stats[d]["std"], np.float32)) for d in ("t1", "t2")
-        )
+    def set_normalization(self, normalization: Normalization) -> None:
+        """Adopt the statistics to apply (a per-scene checkpoint's: the scene's own, exact)."""
+        self.normalization = normalization
 
     def fit_scene(self, x1: np.ndarray, x2: np.ndarray) -> None:
         """Scene statistics from valid pixel samples ``(N, C)`` of each date."""
         if self.normalization is None:
-            self.normalization = tuple(
-                (x.mean(0).astype(np.float32), np.maximum(x.std(0), 1e-6).astype(np.float32)) for x in (x1, x2)
-            )
+            self.normalization = Normalization.from_samples(x1, x2)
         if self.model.needs_scene_fit:
-            t1, t2 = (torch.from_numpy(self._normalize(x[..., None, None], d))[..., 0, 0] for d, x in enumerate((x1, x2)))
+            t1, t2 = (torch.from_numpy(self.normalization.apply(x[..., None, None], np.ones((len(x), 1, 1), bool), d))[..., 0, 0]
+                      for d, x in enumerate((x1, x2)))
             self.model.fit_scene(t1, t2, torch.ones(len(x1), dtype=torch.bool))
 
     def scene_fit(self) -> SceneFit:
@@ -207,32 +205,19 @@ class TilePredictor:
             for name, value in fit.buffers.items():
                 own[name].copy_(torch.from_numpy(np.asarray(value)))
 
-    def _normalize(self, x: np.ndarray, date: int) -> np.ndarray:
-        mean, std = self.normalization[date]
-        return (x - mean[:, None, None]) / std[:, None, None]
+    def runner(self, tiling: Tiling | None = None, batch_size: int = DEFAULT_BATCH_SIZE) -> SceneRunner:
+        """The scene-inference runner of this model and its normalisation."""
+        if self.normalization is None:
+            raise ModelError("TilePredictor.fit_scene (or set_normalization) must run before predicting with a model without statistics")
+        if self._runner is None or self._runner.normalization is not self.normalization or (tiling and self._runner.tiling != tiling):
+            self._runner = SceneRunner(self.model, self.normalization, tiling, batch_size, self.device)
+        return self._runner
+
+    @property
+    def model_seconds(self) -> float:
+        """Seconds spent in the model's forward passes so far."""
+        return 0.0 if self._runner is None else self._runner.model_seconds
 
     def predict(self, x1: np.ndarray, x2: np.ndarray, valid: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """``x1, x2 (B, C, h, w)``, ``valid (B, h, w)`` -> probability and difference ``(B, h, w)``."""
-        if self.normalization is None:
-            raise ModelError("TilePredictor.fit_scene (or set_scene_statistics) must run before predict for a model without statistics")
-        z1 = np.where(valid[:, None], self._normalize(x1, 0), 0).astype(np.float32)
-        z2 = np.where(valid[:, None], self._normalize(x2, 1), 0).astype(np.float32)
-        t1 = torch.from_numpy(z1).to(self.device)
-        t2 = torch.from_numpy(z2).to(self.device)
-        start = time.perf_counter()
-        outs = [self.model.predict(t1[part], t2[part]) for part in self._calls(t1.shape[0], t1.shape[2] * t1.shape[3])]
-        prob = torch.cat([o.probability[:, 0] for o in outs]).float().cpu().numpy()
-        diff = torch.cat([o.difference[:, 0] for o in outs]).float().cpu().numpy()
-        self.model_seconds += time.perf_counter() - start
-        return prob, diff
-
-    def _calls(self, tiles: int, pixels_per_tile: int) -> list[slice]:
-        """Model calls of at most :data:`CPU_PIXELS_PER_CALL` pixels on the CPU (one call on a GPU).
-
-        Activations of a large CPU batch outgrow glibc's mmap threshold (32 MiB at most), so every
-        forward maps and zero-fills fresh pages: with 4 tiles of 512² about 40 % of the time went to
-        page faults. Calls of ~128 k pixels stay in heap memory that :func:`keep_freed_memory` keeps
-        for the next call (1.7x faster for FC-Siam-diff).
-        """
-        step = tiles if self.device.type != "cpu" else max(1, CPU_PIXELS_PER_CALL // pixels_per_tile)
-        return [slice(i, i + step) for i in range(0, tiles, step)]
+        return self.runner().predict(TileBatch([], x1, x2, valid))

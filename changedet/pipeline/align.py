@@ -23,7 +23,7 @@ from rasterio.warp import transform_bounds
 from rasterio.windows import Window
 
 from changedet.errors import GridError, InputError
-from changedet.grid import Grid
+from changedet.pipeline.grid import Grid
 from changedet.io.bands import describe_bands, same_roles, scene_roles
 from changedet.io.scene import BandSource, Scene, open_raster
 

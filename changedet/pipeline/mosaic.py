@@ -10,9 +10,7 @@ from typing import Callable, Iterable
 
 import numpy as np
 
-from changedet.tiling import Tile
-
-BLEND_MODES = ("cosine", "mean")
+from changedet.pipeline.tiling import BLEND_MODES, Tile, Tiling
 
 
 def _ramp(length: int, overlap: int, ramp_start: bool, ramp_end: bool) -> np.ndarray:
@@ -129,6 +127,11 @@ class StreamingMosaic:
         self._weight[rest : self._rows] = 0
         self._rows = rest
         self._row0 = until
+
+    @classmethod
+    def of(cls, tiling: Tiling, grid_shape: tuple[int, int], tiles: Iterable[Tile], bands: int, sink: RowSink) -> "StreamingMosaic":
+        """A mosaic blending ``tiles`` of ``tiling`` (its overlap and blend mode)."""
+        return cls(grid_shape, tiles, bands, sink, tiling.overlap, tiling.blend)
 
     @property
     def complete(self) -> bool:

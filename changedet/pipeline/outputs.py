@@ -3,7 +3,8 @@
 :func:`write_outputs` blends the stored tile predictions into COGs on the common grid, writes the QGIS
 styles, the polygons, ``quicklook.png`` and ``run.json`` inside a hidden staging folder, and moves
 everything into the output folder only when all of them exist (:class:`~changedet.io.writers.OutputStaging`).
-The CLI and the Prefect flow both write exactly :data:`OUTPUT_NAMES`.
+The CLI and the Prefect flow both write exactly :data:`~changedet.pipeline.output_table.OUTPUT_NAMES`
+(what each file is: :mod:`changedet.pipeline.output_table`).
 """
 
 from __future__ import annotations
@@ -13,7 +14,6 @@ import math
 import platform
 import resource
 import time
-from dataclasses import asdict
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -28,30 +28,17 @@ from changedet.io.polygons import polygonize_mask
 from changedet.io.quicklook import write_quicklook
 from changedet.io.styles import write_mask_style, write_probability_style
 from changedet.io.writers import BlockRasterWriter, OutputStaging, write_cog, write_text
-from changedet.mosaic import StreamingMosaic
-from changedet.planning import RunPlan, open_tile_store
-from changedet.tilestore import TileStore
-
-PROBABILITY = "change_probability.tif"
-MASK = "change_mask.tif"
-DIFFERENCE = "difference.tif"
-POLYGONS = "changes.gpkg"
-RUN_JSON = "run.json"
-QUICKLOOK = "quicklook.png"
-PROBABILITY_STYLE = "change_probability.qml"  # QGIS applies <name>.qml to <name>.tif
-MASK_STYLE = "change_mask.qml"
-OUTPUT_NAMES = [PROBABILITY, MASK, DIFFERENCE, POLYGONS, PROBABILITY_STYLE, MASK_STYLE, QUICKLOOK, RUN_JSON]
-FLOAT_NODATA = -9999.0
-MASK_NODATA = 255
-
+from changedet.pipeline.mosaic import StreamingMosaic
+from changedet.pipeline.output_table import (  # noqa: F401 - the output table, re-exported for writers' callers
+    DIFFERENCE, FLOAT_NODATA, MASK, MASK_NODATA, MASK_STYLE, OUTPUT_NAMES, POLYGONS, PROBABILITY, PROBABILITY_STYLE,
+    QUICKLOOK, RASTERS, RUN_JSON,
+)
+from changedet.pipeline.planning import RunPlan, open_tile_store
+from changedet.pipeline.tilestore import TileStore
 
 def _mosaic_to_scratch(plan: RunPlan, store: TileStore, paths: dict[str, Path]) -> dict[str, int]:
     grid = plan.pair.grid
-    writers = {
-        PROBABILITY: BlockRasterWriter(paths[PROBABILITY], grid, "float32", FLOAT_NODATA),
-        MASK: BlockRasterWriter(paths[MASK], grid, "uint8", MASK_NODATA),
-        DIFFERENCE: BlockRasterWriter(paths[DIFFERENCE], grid, "float32", FLOAT_NODATA),
-    }
+    writers = {o.name: BlockRasterWriter(paths[o.name], grid, o.dtype, o.nodata) for o in RASTERS}
     counts = {"valid_pixels": 0, "changed_pixels": 0, "tiles": len(plan.tiles), "skipped_tiles": 0}
 
     def sink(row_off: int, values: np.ndarray, valid: np.ndarray) -> None:
@@ -63,7 +50,7 @@ def _mosaic_to_scratch(plan: RunPlan, store: TileStore, paths: dict[str, Path]) 
         counts["valid_pixels"] += int(valid.sum())
         counts["changed_pixels"] += int(changed.sum())
 
-    mosaic = StreamingMosaic(grid.shape, plan.tiles, 2, sink, plan.params.overlap, plan.params.blend)
+    mosaic = StreamingMosaic.of(plan.params.tiling, grid.shape, plan.tiles, 2, sink)
     try:
         for tile in plan.tiles:
             values, valid = store.read(tile.index)
@@ -149,7 +136,7 @@ def write_outputs(
         raise ChangeDetError(f"{missing} tiles have no prediction yet in {store.path}")
     with OutputStaging(out_dir, OUTPUT_NAMES, overwrite) as staging:
         start = time.perf_counter()
-        scratch = {name: staging.path(f"scratch_{name}") for name in (PROBABILITY, MASK, DIFFERENCE)}
+        scratch = {o.name: staging.path(f"scratch_{o.name}") for o in RASTERS}
         counts = {**_mosaic_to_scratch(plan, store, scratch), **(extra_counts or {})}
         timings["mosaic_s"] = time.perf_counter() - start
         start = time.perf_counter()
@@ -167,14 +154,14 @@ def write_outputs(
             "inputs": inputs or {"t1": plan.pair.t1.source, "t2": plan.pair.t2.source},
             **plan.pair.to_dict(),
             "model": plan.spec.describe(),
-            "parameters": {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(plan.params).items()},
+            "parameters": plan.params.model_dump(),
             "threshold": plan.threshold,
             "fingerprint": plan.fingerprint,
             "warnings": plan.warnings,
             "counts": counts,
             "changes": changes,
             "outputs": {name: name for name in OUTPUT_NAMES},
-            "nodata": {PROBABILITY: FLOAT_NODATA, DIFFERENCE: FLOAT_NODATA, MASK: MASK_NODATA},
+            "nodata": {o.name: o.nodata for o in RASTERS},
             "timings": {k: round(v, 4) for k, v in timings.items()},
             "peak_rss_mb": round(peak_rss_mb(), 1),
             "versions": _versions(),

@@ -3,12 +3,12 @@
 The run is split into plain functions that orchestration (the CLI, Prefect flows on Dask) calls
 step by step:
 
-1. :func:`~changedet.planning.plan_run` — open and align both dates, resolve the model, fit scene
+1. :func:`~changedet.pipeline.planning.plan_run` — open and align both dates, resolve the model, fit scene
    statistics, plan tiles and fixed tile batches, fingerprint the content of inputs + model +
-   parameters (:class:`~changedet.planning.RunPlan`, picklable, small);
-2. :func:`predict_batch` — predict one batch of tiles into a :class:`~changedet.tilestore.TileStore`
+   parameters (:class:`~changedet.pipeline.planning.RunPlan`, picklable, small);
+2. :func:`predict_batch` — predict one batch of tiles into a :class:`~changedet.pipeline.tilestore.TileStore`
    (any process; readers and models are cached per process);
-3. :func:`~changedet.outputs.write_outputs` — blend the stored tiles into COGs, polygonise, write
+3. :func:`~changedet.pipeline.outputs.write_outputs` — blend the stored tiles into COGs, polygonise, write
    ``run.json``, and move everything into the output folder atomically.
 
 :func:`detect_changes` chains them in one process, holding the output folder's lock
@@ -27,19 +27,20 @@ from typing import Any, Callable, Sequence
 import numpy as np
 import torch
 
-from changedet.align import PairReader
+from changedet.pipeline.align import PairReader
 from changedet.errors import InputError
 from changedet.io.outdir import OutputLock, check_out_dir
 from changedet.io.writers import OutputStaging
-from changedet.outputs import (  # noqa: F401 - the output table, re-exported for callers of changedet.detect
+from changedet.pipeline.outputs import (  # noqa: F401 - the output table, re-exported for callers of changedet.pipeline.detect
     DIFFERENCE, FLOAT_NODATA, MASK, MASK_NODATA, OUTPUT_NAMES, POLYGONS, PROBABILITY, PROBABILITY_STYLE, MASK_STYLE,
     QUICKLOOK, RUN_JSON, peak_rss_mb, write_outputs,
 )
-from changedet.planning import (  # noqa: F401 - planning API, re-exported
+from changedet.pipeline.planning import (  # noqa: F401 - planning API, re-exported
     DetectParams, RunPlan, content_fingerprint, input_fingerprint, open_inputs, open_tile_store, plan_run,
 )
-from changedet.predictor import TilePredictor
-from changedet.tilestore import TileStore
+from changedet.pipeline.inference import SceneRunner, TileBatch
+from changedet.pipeline.predictor import TilePredictor
+from changedet.pipeline.tilestore import TileStore
 
 TILE_STORE_DIR = ".changedet-tiles"
 
@@ -47,9 +48,10 @@ TILE_STORE_DIR = ".changedet-tiles"
 _WORKER = threading.local()
 
 
-def _worker_state(plan: RunPlan, store_root: str | Path) -> tuple[PairReader, TilePredictor, TileStore]:
-    """Reader, model and tile store opened once per worker thread and run (rasterio datasets are
-    not shared across threads); reopened when another run arrives."""
+def _worker_state(plan: RunPlan, store_root: str | Path) -> tuple[PairReader, SceneRunner, TileStore]:
+    """Reader, runner and tile store opened once per worker thread and run (rasterio datasets are
+    not shared across threads); reopened when another run arrives. In the planning process the
+    plan's own model is reused; other processes build it from the plan's spec and scene fit."""
     key = (plan.fingerprint, str(store_root))
     cached = getattr(_WORKER, "state", None)
     if cached is None or cached[0] != key or not cached[3].path.exists():
@@ -57,32 +59,28 @@ def _worker_state(plan: RunPlan, store_root: str | Path) -> tuple[PairReader, Ti
             cached[1].close()
         if plan.params.threads:
             torch.set_num_threads(plan.params.threads)
-        predictor = TilePredictor(
-            plan.spec, (plan.pair.t1.count, plan.pair.t2.count), plan.params.device, plan.params.runtime
-        )
-        predictor.load_scene_fit(plan.scene_fit)
-        _WORKER.state = (key, PairReader(plan.pair).__enter__(), predictor, open_tile_store(plan, store_root))
+        predictor = plan.predictor
+        if predictor is None:
+            predictor = TilePredictor(plan.spec, (plan.pair.t1.count, plan.pair.t2.count), plan.params.device, plan.params.runtime)
+            predictor.load_scene_fit(plan.scene_fit)
+        runner = predictor.runner(plan.params.tiling, plan.params.batch_size)
+        _WORKER.state = (key, PairReader(plan.pair).__enter__(), runner, open_tile_store(plan, store_root))
     return _WORKER.state[1:]
 
 
 def predict_batch(plan: RunPlan, batch: int, store_root: str | Path) -> dict[str, float]:
     """Predict the tiles of ``plan.batches[batch]`` into the tile store; returns read/model seconds."""
-    reader, predictor, store = _worker_state(plan, store_root)
+    reader, runner, store = _worker_state(plan, store_root)
     tiles = [plan.tiles[i] for i in plan.batches[batch]]
     start = time.perf_counter()
     reads = [reader.read(t.window) for t in tiles]
     read_s = time.perf_counter() - start
-    model_before = predictor.model_seconds
-    x1 = np.stack([r[0] for r in reads])
-    x2 = np.stack([r[1] for r in reads])
-    valid = np.stack([r[2] for r in reads])
-    if valid.any():
-        prob, diff = predictor.predict(x1, x2, valid)
-    else:
-        prob = diff = np.full(valid.shape, np.nan, np.float32)
+    model_before = runner.model_seconds
+    x1, x2, valid = (np.stack([r[k] for r in reads]) for k in range(3))
+    prob, diff = runner.predict(TileBatch(tiles, x1, x2, valid))
     for i, tile in enumerate(tiles):
         store.write(tile.index, prob[i], diff[i], valid[i])
-    return {"read_s": read_s, "model_s": predictor.model_seconds - model_before, "tiles": len(tiles)}
+    return {"read_s": read_s, "model_s": runner.model_seconds - model_before, "tiles": len(tiles)}
 
 
 def predict_batches(plan: RunPlan, batches: Sequence[int], store_root: str | Path) -> dict[str, float]:

@@ -24,6 +24,9 @@ RUNTIMES = ("torch", "onnx", "onnx-int8")
 PAD_MULTIPLE = 32  # every registered encoder's output stride divides 32
 
 
+EXAMPLE_SIDE = 256  # side of the example input traced at export (height and width stay dynamic)
+
+
 class _Outputs(nn.Module):
     """Plain-tensor outputs for tracing."""
 
@@ -36,7 +39,7 @@ class _Outputs(nn.Module):
         return out.logits, out.difference
 
 
-def export_onnx(model: ChangeModel, path: str | Path, size: int = 256) -> Path:
+def export_onnx(model: ChangeModel, path: str | Path, size: int = EXAMPLE_SIDE) -> Path:
     """Export ``model`` (eval mode) to ONNX with dynamic batch/height/width (multiples of 32)."""
     c1, c2 = model.in_channels
     wrapper = _Outputs(model).eval()

@@ -1,0 +1,67 @@
+"""The output table: every file a detect run writes, declared once.
+
+Each :class:`Output` says its file name, kind, data type and nodata (rasters), the QGIS style written
+beside it, the step of :func:`changedet.pipeline.outputs.write_outputs` that writes it, and whether
+every run produces it. ``changedet detect``, the Prefect flows, the inbox (``run.json``) and
+``changedet evaluate`` (the mask it scores, ``run.json``'s reference grid) take names from here, and
+the CLI and the flow write exactly :data:`OUTPUT_NAMES`. This module imports nothing heavy, so light
+consumers (``evaluate``, ``inbox``) can use it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+FLOAT_NODATA = -9999.0
+MASK_NODATA = 255
+
+
+@dataclass(frozen=True)
+class Output:
+    """One output file.
+
+    Attributes:
+        name: file name in the output folder.
+        kind: ``raster`` (COG on the common grid), ``vector`` (GeoPackage), ``style`` (QGIS ``.qml``),
+            ``image`` (PNG) or ``metadata`` (JSON).
+        description: what it holds (README's output table).
+        writer: the step of :func:`~changedet.pipeline.outputs.write_outputs` that writes it.
+        dtype: raster data type.
+        nodata: raster nodata value.
+        style: the QGIS style written beside it (QGIS applies ``<name>.qml`` to ``<name>.tif``).
+        default: written by every run (False: only when an option asks for it).
+    """
+
+    name: str
+    kind: str
+    description: str
+    writer: str
+    dtype: str | None = None
+    nodata: float | None = None
+    style: str | None = None
+    default: bool = True
+
+
+PROBABILITY = "change_probability.tif"
+MASK = "change_mask.tif"
+DIFFERENCE = "difference.tif"
+POLYGONS = "changes.gpkg"
+PROBABILITY_STYLE = "change_probability.qml"
+MASK_STYLE = "change_mask.qml"
+QUICKLOOK = "quicklook.png"
+RUN_JSON = "run.json"
+
+OUTPUTS: dict[str, Output] = {o.name: o for o in (
+    Output(PROBABILITY, "raster", "blended change probability in [0, 1]", "mosaic", "float32", FLOAT_NODATA, PROBABILITY_STYLE),
+    Output(MASK, "raster", "1 change, 0 no change (probability >= threshold)", "mosaic", "uint8", MASK_NODATA, MASK_STYLE),
+    Output(DIFFERENCE, "raster", "the model's per-pixel difference map (>= 0)", "mosaic", "float32", FLOAT_NODATA),
+    Output(POLYGONS, "vector", "changed regions as polygons with area and mean probability", "polygons"),
+    Output(PROBABILITY_STYLE, "style", "QGIS style: probability ramp, threshold marked", "styles"),
+    Output(MASK_STYLE, "style", "QGIS style: change in red, no change transparent", "styles"),
+    Output(QUICKLOOK, "image", "thumbnail of the probability", "quicklook"),
+    Output(RUN_JSON, "metadata", "inputs, grid, model, parameters, counts, timings, versions", "summary"),
+)}  # fmt: skip
+
+#: every file a run writes, in the order they are listed in ``run.json``
+OUTPUT_NAMES = [o.name for o in OUTPUTS.values() if o.default]
+RASTERS = [o for o in OUTPUTS.values() if o.kind == "raster"]

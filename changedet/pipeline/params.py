@@ -1,0 +1,65 @@
+"""Parameters of one detect run, declared once: name, type, default, bounds and help.
+
+:class:`DetectParams` is what the library takes (:func:`~changedet.pipeline.detect.detect_changes`,
+:func:`~changedet.pipeline.planning.plan_run`); ``changedet detect`` and ``python flows/detect.py run``
+derive their options from its fields (:func:`changedet.options.add_model_options`), and the Prefect
+flow's parameters extend it with orchestration-only fields. A new field appears in all three.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from changedet.options import ParameterError, parameter_reason
+from changedet.pipeline.align import RESAMPLING_CHOICES
+from changedet.pipeline.tiling import DEFAULT_BATCH_SIZE, BLEND_MODES, DEFAULT_OVERLAP, DEFAULT_TILE, MIN_TILE, Tiling
+from changedet.runtime.onnx import RUNTIMES
+
+DEFAULT_MODEL = "auto"
+
+
+class DetectParams(BaseModel):
+    """User-facing parameters of one detect run (every ``changedet detect`` option but the paths)."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+    def __init__(self, **values: Any) -> None:
+        """Validate ``values``; an invalid one is one :class:`~changedet.options.ParameterError` naming the option."""
+        try:
+            super().__init__(**values)
+        except ValidationError as exc:
+            raise ParameterError(parameter_reason(exc, type(self))) from None
+
+    model: str = Field(DEFAULT_MODEL, description="bundled model (oscd-s2, rgb), registry name or checkpoint path; auto: "
+                       "oscd-s2 for scenes with its 13 Sentinel-2 bands, rgb for 3-band scenes, else cva")
+    tile: int = Field(DEFAULT_TILE, ge=MIN_TILE, description="tile size in pixels")
+    overlap: int = Field(DEFAULT_OVERLAP, ge=0, description="tile overlap in pixels (below --tile)")
+    threshold: float | None = Field(None, ge=0.0, le=1.0, description="probability threshold (default: the model's, else 0.5)")
+    crs: str | None = Field(None, description="target CRS, e.g. EPSG:32631 (default: t1's)")
+    resolution: float | None = Field(None, gt=0.0, description="target pixel size in CRS units (default: t1's finest)")
+    bands: list[str] | None = Field(None, description="comma-separated band names, descriptions or 1-based indexes")
+    nodata: float | None = Field(None, description="nodata value for inputs that declare none")
+    resampling: Literal[RESAMPLING_CHOICES] = Field("bilinear", description="resampling for bands not on the common grid")  # type: ignore[valid-type]
+    blend: Literal[BLEND_MODES] = Field("cosine", description="blending of overlapping tiles")  # type: ignore[valid-type]
+    batch_size: int = Field(DEFAULT_BATCH_SIZE, ge=1, description="tiles per model call")
+    device: str = Field("cpu", description="cpu, cuda or cuda:N")
+    runtime: Literal[RUNTIMES] = Field("torch", description="inference engine: torch, ONNX Runtime float32, "  # type: ignore[valid-type]
+                                       "or ONNX Runtime with int8 weights (CPU)")
+    threads: int | None = Field(None, ge=1, description="torch intra-op threads per worker (default: torch's)")
+    sample_tiles: int = Field(16, ge=1, description="tiles sampled to estimate scene statistics")
+    seed: int = Field(0, description="seed of the scene sampling")
+    max_pixels: int = Field(1 << 32, ge=1, description="refuse common grids larger than this many pixels (a corrupt or absurd declared size)")
+
+    @model_validator(mode="after")
+    def _overlap_below_tile(self) -> "DetectParams":
+        if self.overlap >= self.tile:
+            raise ValueError(f"--overlap must be in [0, tile) = [0, {self.tile}), got {self.overlap}")
+        return self
+
+    @property
+    def tiling(self) -> Tiling:
+        """Tile size, overlap and blend mode as one value."""
+        return Tiling(self.tile, self.overlap, self.blend)
+

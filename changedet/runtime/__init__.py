@@ -1,0 +1,1 @@
+"""Inference runtimes besides eager torch: ONNX Runtime (:mod:`.onnx`) and CPU allocator tuning (:mod:`.memory`)."""
