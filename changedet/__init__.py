@@ -1,8 +1,10 @@
 """changedet: remote-sensing change detection with Siamese networks.
 
-Library code only (no orchestration): geo I/O and grids (:mod:`changedet.pipeline.grid`, :mod:`changedet.io`),
-tiling and streaming mosaics (:mod:`changedet.pipeline.tiling`, :mod:`changedet.pipeline.mosaic`), models
-(:mod:`changedet.models`) and the end-to-end :func:`changedet.pipeline.detect.detect_changes`.
+Library code only (no orchestration). The data path of ``changedet detect`` is :mod:`changedet.pipeline`
+(parameters → grid → tiles → the one scene runner → mosaic → outputs, ending in
+:func:`changedet.pipeline.detect.detect_changes`); below it :mod:`changedet.io`, :mod:`changedet.models`,
+:mod:`changedet.normalization` and :mod:`changedet.runtime`; above it training data (:mod:`changedet.data`),
+the one trainer (:mod:`changedet.train`) and the evaluation stages (:mod:`changedet.evaluation`).
 """
 
 import os
@@ -12,4 +14,4 @@ import os
 # flat with scene size (override by setting GDAL_CACHEMAX before importing changedet).
 os.environ.setdefault("GDAL_CACHEMAX", "64")
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"

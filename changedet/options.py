@@ -104,7 +104,7 @@ def _argument(info: FieldInfo) -> dict[str, Any]:
     else:
         raise TypeError(f"no command-line form for a field of type {annotation!r}")
     notes = ["repeatable"] if append else []
-    if default not in (None, False) and not info.is_required():
+    if default is not None and default is not False and not info.is_required():
         notes.append(f"default {','.join(map(str, default)) if isinstance(default, (list, tuple)) else default}")
     if bounds := _bounds(info):
         notes.append(bounds)
@@ -124,7 +124,8 @@ def add_model_options(
 ) -> None:
     """One ``--option`` per field of ``model`` (minus ``exclude``, or only ``include``), with the
     field's type, choices, bounds and description; absent options keep the model's default."""
-    for name, info in model.model_fields.items():
+    fields = sorted(model.model_fields.items(), key=lambda item: not item[1].is_required())  # required first
+    for name, info in fields:
         if name in exclude or (include is not None and name not in include):
             continue
         parser.add_argument(field_option(model, name), dest=name, default=argparse.SUPPRESS, **_argument(info))

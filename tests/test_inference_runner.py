@@ -1,5 +1,5 @@
 """One inference path: validation scores exactly what ``changedet detect`` writes, the runner's
-hooks (input transforms, model adaptation) run on detect's tiles, and the Normalization value type
+input-transform hook runs on detect's tiles, and the Normalization value type
 is applied the same way everywhere."""
 
 from __future__ import annotations
@@ -11,8 +11,13 @@ import pytest
 import rasterio
 import torch
 
+from changedet.checkpoint import read_metadata
 from changedet.cli import main as cli_main
+from changedet.data.datasets import PatchDataset
+from changedet.data.stats import compute_normalization
 from changedet.evaluate import evaluate_mask
+from changedet.losses import build_loss
+from changedet.models import create_model
 from changedet.normalization import Normalization, date_statistics
 from changedet.pipeline.align import PairReader
 from changedet.pipeline.detect import DetectParams, plan_run
@@ -20,6 +25,7 @@ from changedet.pipeline.inference import SceneRunner, TileBatch
 from changedet.pipeline.output_table import MASK, PROBABILITY
 from changedet.pipeline.tiling import Tiling
 from changedet.pipeline.validation import evaluate_scenes
+from changedet.train import Trainer, TrainSettings
 
 TILING = {"tile": 128, "overlap": 24}
 
@@ -42,6 +48,28 @@ def test_validation_f1_equals_detect_then_evaluate(bundled, bercy, detected, sam
     assert validated["f1"] == pytest.approx(scored["f1"], abs=1e-6)
     for key in ("tp", "fp", "fn", "tn"):
         assert validated[key] == scored[key]
+
+
+def test_trainer_validation_f1_of_its_checkpoint_equals_detect_then_evaluate(bercy, sample_city, tmp_path):
+    """Train a tiny model for one epoch: the per-scene F1 its checkpoint records (validation, at the
+    threshold tuned there) is the F1 of ``changedet detect --model best.safetensors`` + ``evaluate``."""
+    torch.manual_seed(0)
+    model = create_model("fc-siam-diff", in_channels=13, base_channels=4, dropout=0.0)
+    stats = compute_normalization([bercy])
+    data = PatchDataset([bercy], 32, stats, None, length=16, change_fraction=0.5, seed=0)
+    settings = TrainSettings(epochs=1, batch_size=8, lr=3e-3, scheduler="constant", val_tile=TILING["tile"],
+                             val_overlap=TILING["overlap"], progress=False)  # fmt: skip
+    trainer = Trainer(model, "fc-siam-diff", {"base_channels": 4, "dropout": 0.0}, build_loss("bce"), data, [bercy],
+                      stats, tmp_path / "run", settings, split={"train": ["bercy"], "val": ["bercy"]})  # fmt: skip
+    result = trainer.fit()
+    recorded = read_metadata(result.best_checkpoint)["metrics"]["per_scene"]["bercy"]
+    out = tmp_path / "detect"
+    args = ["detect", "--t1", str(sample_city / "imgs_1"), "--t2", str(sample_city / "imgs_2"), "--out", str(out),
+            "--model", str(result.best_checkpoint), "--tile", str(TILING["tile"]), "--overlap", str(TILING["overlap"]), "--quiet"]
+    assert cli_main(args) == 0
+    scored = evaluate_mask(out / MASK, sample_city / "cm" / "bercy-cm.tif")
+    assert recorded["f1"] == pytest.approx(scored["f1"], abs=1e-6)
+    assert [recorded[k] for k in ("tp", "fp", "fn", "tn")] == [scored[k] for k in ("tp", "fp", "fn", "tn")]
 
 
 def test_runner_on_the_aligned_pair_is_the_detect_probability(bundled, detected, sample_city):

@@ -30,7 +30,6 @@ from typing import Any
 
 import numpy as np
 import torch
-from scipy import fft, ndimage
 
 from changedet.data.scenes import ChangeScene
 from changedet.errors import ChangeDetError
@@ -124,6 +123,8 @@ def _speckle(r: np.ndarray, valid: np.ndarray, s: float, rng: np.random.Generato
 
 @register_shift("blur", "Gaussian blur (coarser resolution)")
 def _blur(r: np.ndarray, valid: np.ndarray, s: float, rng: np.random.Generator, bands: Sequence[str]) -> np.ndarray:
+    from scipy import ndimage  # scipy only when the shift runs (the CLI imports this module for its options)
+
     return ndimage.gaussian_filter(_filled(r, valid), sigma=(0, 0.4 * s, 0.4 * s), mode="nearest")
 
 
@@ -164,6 +165,8 @@ def _jpeg(r: np.ndarray, valid: np.ndarray, s: float, rng: np.random.Generator, 
     ph, pw = -h % 8, -w % 8
     x = np.pad(_filled(r, valid), ((0, 0), (0, ph), (0, pw)), mode="edge")
     blocks = x.reshape(c, (h + ph) // 8, 8, (w + pw) // 8, 8).transpose(0, 1, 3, 2, 4)
+    from scipy import fft
+
     coef = fft.dctn(blocks, axes=(-2, -1), norm="ortho")
     step = 0.002 * s * (1 + np.add.outer(np.arange(8), np.arange(8)))
     rec = fft.idctn(np.round(coef / step) * step, axes=(-2, -1), norm="ortho")

@@ -12,11 +12,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import matplotlib
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt
-
 from changedet.evaluation.stages import get_stage
 from changedet.io.writers import OutputStaging, write_text, writing
 
@@ -64,7 +59,10 @@ def plot(report: dict[str, Any], path: str | Path) -> Path:
     """F1 of the stage's panels (e.g. vs ε per mode, vs severity per shift) as a PNG."""
     stage = get_stage(report["stage"])
     panels = stage.panels(report)
-    fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 4), squeeze=False, sharey=True)
+    from matplotlib.figure import Figure  # here: the CLI parser imports this module for every command
+
+    fig = Figure(figsize=(5 * len(panels), 4))  # no pyplot: the caller's backend and figures are left alone
+    axes = fig.subplots(1, len(panels), squeeze=False, sharey=True)
     for ax, panel in zip(axes[0], panels):
         for line in panel.lines:
             xs = sorted(line.points)
@@ -75,11 +73,8 @@ def plot(report: dict[str, Any], path: str | Path) -> Path:
     axes[0][0].set_ylabel("F1 (pooled)")
     axes[0][-1].legend(fontsize=7, loc="best")
     fig.tight_layout()
-    try:
-        with writing(path):
-            fig.savefig(path, dpi=110)
-    finally:
-        plt.close(fig)
+    with writing(path):
+        fig.savefig(path, dpi=110)
     return Path(path)
 
 

@@ -178,10 +178,11 @@ def _check_radiometry(pair: AlignedPair, tiles: list[Tile], spec: ModelSpec, mod
     of ``log10(scene median / training mean)``, from up to 4 spread tiles, must stay within
     :data:`SCALE_DECADES`. Checkpoints with per-scene statistics, or non-positive training means (SAR in
     dB, standardised inputs), are not checked."""
-    norm = spec.metadata.get("normalization")
-    if not isinstance(norm, dict):
+    stored = spec.metadata.get("normalization")
+    norm = None if stored is None else Normalization.of(stored)
+    if norm is None or norm.per_scene:
         return
-    means = {d: np.asarray(norm[date]["mean"], np.float64) for d, date in enumerate(("t1", "t2"))}
+    means = {d: norm.dates[d][0] for d in (0, 1)}
     checked = {d: m for d, m in means.items() if (m > 0).all() and len(m) == (pair.t1, pair.t2)[d].count}
     if not checked:
         return

@@ -206,16 +206,18 @@ class TilePredictor:
                 own[name].copy_(torch.from_numpy(np.asarray(value)))
 
     def runner(self, tiling: Tiling | None = None, batch_size: int = DEFAULT_BATCH_SIZE) -> SceneRunner:
-        """The scene-inference runner of this model and its normalisation."""
+        """The scene-inference runner of this model and its normalisation (kept while they stay the same)."""
         if self.normalization is None:
             raise ModelError("TilePredictor.fit_scene (or set_normalization) must run before predicting with a model without statistics")
-        if self._runner is None or self._runner.normalization is not self.normalization or (tiling and self._runner.tiling != tiling):
+        tiling = tiling or Tiling()
+        current = self._runner
+        if current is None or (current.normalization, current.tiling, current.batch_size) != (self.normalization, tiling, batch_size):
             self._runner = SceneRunner(self.model, self.normalization, tiling, batch_size, self.device)
         return self._runner
 
     @property
     def model_seconds(self) -> float:
-        """Seconds spent in the model's forward passes so far."""
+        """Seconds spent in the model's forward passes by the current runner."""
         return 0.0 if self._runner is None else self._runner.model_seconds
 
     def predict(self, x1: np.ndarray, x2: np.ndarray, valid: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
