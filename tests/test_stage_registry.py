@@ -14,7 +14,8 @@ import pytest
 from pydantic import Field
 
 from changedet.cli import build_parser, main
-from changedet.evaluation.report import REPORT, Line, Panel, format_metric, markdown_table, report_names
+from changedet.evaluation.report import REPORT, report_names
+from changedet.evaluation.tables import Line, Panel, format_metric, markdown_table
 from changedet.evaluation.stages import CLEAN, STAGES, EvaluationConfig, Stage, all_stages, register_stage, stage_config
 from changedet.evaluation.stages.robustness import RobustnessConfig
 from changedet.metrics import ProbabilityHistogram, ValidationResult

@@ -2,13 +2,12 @@
 
 Generic over the registered stages (:mod:`changedet.evaluation.stages`): a heading with the scenes and
 thresholds, then the stage's markdown sections; the stage's plot (``Stage.plot_name``) draws F1 of its
-:class:`Panel` lines against the stage's x axis, one panel per line group.
+:class:`~changedet.evaluation.tables.Panel` lines against the stage's x axis, one panel per line group.
 """
 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -17,34 +16,6 @@ from changedet.io.writers import OutputStaging, write_text, writing
 
 REPORT = "report.json"
 MARKDOWN = "report.md"
-
-
-@dataclass(frozen=True)
-class Line:
-    """One plotted series: x -> report row (its ``f1`` is plotted)."""
-
-    name: str
-    points: dict[float, dict[str, Any]]
-    dashed: bool = False
-
-
-@dataclass(frozen=True)
-class Panel:
-    """One plot panel."""
-
-    title: str
-    lines: list[Line]
-
-
-def format_metric(value: float | None) -> str:
-    """A metric to 4 decimals, ``–`` when undefined."""
-    return "–" if value is None else f"{value:.4f}"
-
-
-def markdown_table(header: list[str], rows: list[list[str]]) -> str:
-    """A markdown table."""
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    return "\n".join(lines + ["| " + " | ".join(r) + " |" for r in rows])
 
 
 def markdown(report: dict[str, Any]) -> str:

@@ -28,7 +28,7 @@ from changedet.pipeline.tiling import DEFAULT_BATCH_SIZE, DEFAULT_OVERLAP, DEFAU
 if TYPE_CHECKING:
     from changedet.data.scenes import ChangeScene
     from changedet.evaluation.loading import LoadedModel
-    from changedet.evaluation.report import Panel
+    from changedet.evaluation.tables import Panel
     from changedet.metrics import ValidationResult
 
 #: value of a setting's keys in the unperturbed (clean) setting

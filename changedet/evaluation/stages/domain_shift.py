@@ -15,7 +15,7 @@ from pydantic import Field, field_validator
 from changedet.data.scenes import ChangeScene
 from changedet.evaluation.domain_shift import ADAPTATIONS, SHIFTS, evaluate_shift
 from changedet.evaluation.loading import LoadedModel
-from changedet.evaluation.report import Line, Panel, format_metric, markdown_table
+from changedet.evaluation.tables import Line, Panel, format_metric, markdown_table
 from changedet.evaluation.stages import CLEAN, EvaluationConfig, Stage, register_stage
 from changedet.metrics import ValidationResult
 

@@ -19,7 +19,7 @@ from changedet.data.scenes import ChangeScene
 from changedet.evaluation.adversarial import METHODS, MODES, Attack, evaluate_attack
 from changedet.evaluation.defence import finetune_checkpoint
 from changedet.evaluation.loading import LoadedModel
-from changedet.evaluation.report import Line, Panel, format_metric, markdown_table
+from changedet.evaluation.tables import Line, Panel, format_metric, markdown_table
 from changedet.evaluation.sensor import scene_sensor
 from changedet.evaluation.stages import CLEAN, EvaluationConfig, Stage, register_stage
 from changedet.metrics import ValidationResult
