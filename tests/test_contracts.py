@@ -129,3 +129,28 @@ def test_the_flow_writes_the_same_files(prefect_api, outputs, tmp_path):
     assert sorted(p.name for p in (tmp_path / "flow").iterdir()) == sorted(p.name for p in out.iterdir())
     for output in RASTERS:
         assert (tmp_path / "flow" / output.name).read_bytes() == (out / output.name).read_bytes()
+
+
+def test_inference_imports_no_training_evaluation_or_orchestration_code():
+    """The layout's rule: what a detect run loads (pipeline, runtime, io, models) never pulls in training
+    data, the trainer, the evaluation stages or Prefect."""
+    import subprocess
+    import sys
+
+    code = ("import sys, changedet.pipeline.detect, changedet.pipeline.validation, changedet.runtime.onnx; "
+            "print(','.join(sorted(m for m in sys.modules if m.startswith(('changedet.data', 'changedet.train', "
+            "'changedet.evaluation', 'prefect')))))")  # fmt: skip
+    loaded = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
+    assert loaded == ""
+
+
+def test_library_code_never_imports_prefect():
+    """Flows are thin: orchestration lives in flows/, the library under changedet/ never imports Prefect."""
+    import ast
+
+    offenders = []
+    for path in sorted((Path(__file__).resolve().parents[1] / "changedet").rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else [node.module or ""] if isinstance(node, ast.ImportFrom) else []
+            offenders += [f"{path.name}: {n}" for n in names if n.split(".")[0] in ("prefect", "prefect_dask")]
+    assert offenders == []
