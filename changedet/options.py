@@ -4,8 +4,8 @@ Every parameter is declared once, as a field of a pydantic model (name, type, de
 description). :func:`add_model_options` turns the fields into ``--kebab-case`` options of an
 ``argparse`` parser, so ``changedet …`` and ``python flows/… `` offer the same options with the same
 defaults and help, and a new field appears in both with no other edit. Options the user did not
-give are left out of :func:`given_values`, so the model's default applies. :func:`build` constructs
-the model and reports an invalid value as one :class:`ParameterError` naming the option.
+give are left out of :func:`given_values`, so the model's default applies. Models derived from
+:class:`Parameters` report an invalid value as one :class:`ParameterError` naming the option.
 
 A field may declare, in its ``json_schema_extra``, ``"option": "--model"`` (another option name than
 its own), ``"action": "append"`` (a repeatable option, one item per occurrence, instead of a comma
@@ -18,16 +18,13 @@ import argparse
 import types
 import typing
 from collections.abc import Collection, Sequence
-from typing import Any, Literal, TypeVar, Union, get_args, get_origin
+from typing import Any, Literal, Union, get_args, get_origin
 
 from annotated_types import Ge, Gt, Le, Lt
 from pydantic import BaseModel, ValidationError
 from pydantic.fields import FieldInfo
 
 from changedet.errors import ChangeDetError
-
-M = TypeVar("M", bound=BaseModel)
-
 
 class ParameterError(ChangeDetError):
     """A parameter value outside what its field allows (reported with the option's name)."""
@@ -157,9 +154,13 @@ def parameter_reason(exc: ValidationError, model: type[BaseModel]) -> str:
     return f"{name}: {message}" if field else message
 
 
-def build(model: type[M], **values: Any) -> M:
-    """``model(**values)``, with an invalid value reported as one :class:`ParameterError`."""
-    try:
-        return model(**values)
-    except ValidationError as exc:
-        raise ParameterError(parameter_reason(exc, model)) from None
+class Parameters(BaseModel):
+    """A parameter model whose construction reports an invalid value as one :class:`ParameterError`
+    naming the option (``--tile: must be at least 16, got 8``), for the library as for the command line.
+    ``model_validate`` (Prefect's parameter validation) still raises pydantic's ``ValidationError``."""
+
+    def __init__(self, **values: Any) -> None:
+        try:
+            super().__init__(**values)
+        except ValidationError as exc:
+            raise ParameterError(parameter_reason(exc, type(self))) from None

@@ -8,11 +8,11 @@ flow's parameters extend it with orchestration-only fields. A new field appears 
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import ConfigDict, Field, model_validator
 
-from changedet.options import ParameterError, parameter_reason
+from changedet.options import Parameters
 from changedet.pipeline.align import RESAMPLING_CHOICES
 from changedet.pipeline.tiling import DEFAULT_BATCH_SIZE, BLEND_MODES, DEFAULT_OVERLAP, DEFAULT_TILE, MIN_TILE, Tiling
 from changedet.runtime.onnx import RUNTIMES
@@ -20,17 +20,10 @@ from changedet.runtime.onnx import RUNTIMES
 DEFAULT_MODEL = "auto"
 
 
-class DetectParams(BaseModel):
+class DetectParams(Parameters):
     """User-facing parameters of one detect run (every ``changedet detect`` option but the paths)."""
 
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
-
-    def __init__(self, **values: Any) -> None:
-        """Validate ``values``; an invalid one is one :class:`~changedet.options.ParameterError` naming the option."""
-        try:
-            super().__init__(**values)
-        except ValidationError as exc:
-            raise ParameterError(parameter_reason(exc, type(self))) from None
 
     model: str = Field(DEFAULT_MODEL, description="bundled model (oscd-s2, rgb), registry name or checkpoint path; auto: "
                        "oscd-s2 for scenes with its 13 Sentinel-2 bands, rgb for 3-band scenes, else cva")

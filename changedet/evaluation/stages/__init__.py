@@ -19,10 +19,10 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable, Collection
 from typing import TYPE_CHECKING, Any, ClassVar, Generic, Literal, TypeVar, get_args, get_origin
 
-from pydantic import BaseModel, Field
+from pydantic import Field
 
 from changedet.errors import ChangeDetError
-from changedet.options import add_model_options, build, given_values
+from changedet.options import Parameters, add_model_options, given_values
 from changedet.pipeline.tiling import DEFAULT_BATCH_SIZE, DEFAULT_OVERLAP, DEFAULT_TILE, MIN_TILE
 
 if TYPE_CHECKING:
@@ -35,7 +35,7 @@ if TYPE_CHECKING:
 CLEAN = "clean"
 
 
-class EvaluationConfig(BaseModel):
+class EvaluationConfig(Parameters):
     """What every stage shares: checkpoints, labelled scenes and detect's tiling."""
 
     checkpoints: list[str] = Field(
@@ -165,4 +165,4 @@ def stage_config(name: str, args: argparse.Namespace) -> EvaluationConfig:
     """The config of stage ``name`` from a command line (:func:`add_stage_parsers`); invalid values are one
     :class:`~changedet.options.ParameterError` naming the option."""
     model = get_stage(name).config
-    return build(model, **given_values(args, model))
+    return model(**given_values(args, model))
