@@ -15,7 +15,7 @@ stage normalise through :meth:`Normalization.apply` (NumPy) or :meth:`Normalizat
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -110,13 +110,17 @@ class Normalization:
         dates: ``((mean1, std1), (mean2, std2))`` arrays ``(C,)`` as stored (float64; every path
             applies them as float32); None in per-scene mode.
         per_scene: statistics come from each scene itself (:meth:`for_scene`).
+        scenes: per-scene mode: the statistics already computed for scenes, by scene name
+            (:func:`changedet.data.stats.per_scene_normalization` of the training scenes), so a
+            training run reads each scene's statistics once, not once per epoch.
     """
 
     dates: tuple[DateStats, DateStats] | None = None
     per_scene: bool = False
+    scenes: dict[str, "Normalization"] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        if (self.dates is None) != self.per_scene:
+        if (self.dates is None) != self.per_scene or (self.scenes and not self.per_scene):
             raise ValueError("a Normalization has either fixed statistics or the per-scene rule")
 
     @classmethod
@@ -126,8 +130,10 @@ class Normalization:
         ``{"mode": "per-scene", …}`` (:func:`changedet.data.stats.per_scene_normalization`)."""
         if isinstance(value, Normalization):
             return value
-        if value == PER_SCENE or (isinstance(value, dict) and value.get("mode") == PER_SCENE):
+        if value == PER_SCENE:
             return cls(per_scene=True)
+        if isinstance(value, dict) and value.get("mode") == PER_SCENE:
+            return cls(per_scene=True, scenes={name: cls.of(stats) for name, stats in value.get("scenes", {}).items()})
         if isinstance(value, dict) and "t1" in value and "t2" in value:
             return cls((_date_stats(value["t1"]), _date_stats(value["t2"])))
         raise InputError(f"normalisation must be {PER_SCENE!r} or {{t1: {{mean, std}}, t2: {{mean, std}}}}, got {value!r:.80}")
@@ -143,9 +149,13 @@ class Normalization:
         """Exact statistics of a whole pair (:func:`date_statistics`)."""
         return cls.of(date_statistics(read, height, width))
 
-    def for_scene(self, read: PairRead, height: int, width: int) -> "Normalization":
-        """The fixed statistics to apply to one scene: its own (per-scene rule) or these."""
-        return Normalization.of_pair(read, height, width) if self.per_scene else self
+    def for_scene(self, read: PairRead, height: int, width: int, name: str | None = None) -> "Normalization":
+        """The fixed statistics to apply to one scene: its own (per-scene rule: those already computed
+        for scene ``name``, else computed now) or these."""
+        if not self.per_scene:
+            return self
+        known = self.scenes.get(name) if name is not None else None
+        return known if known is not None else Normalization.of_pair(read, height, width)
 
     def to_metadata(self) -> dict[str, Any] | str:
         """Checkpoint metadata form: ``"per-scene"`` or ``{"t1": {"mean", "std"}, "t2": …}``."""

@@ -14,7 +14,7 @@ import torch
 from changedet.checkpoint import read_metadata
 from changedet.cli import main as cli_main
 from changedet.data.datasets import PatchDataset
-from changedet.data.stats import compute_normalization
+from changedet.data.stats import compute_normalization, per_scene_normalization
 from changedet.evaluate import evaluate_mask
 from changedet.losses import build_loss
 from changedet.models import create_model
@@ -114,8 +114,12 @@ def test_normalization_one_value_for_every_stored_form(bercy):
     per_scene = Normalization.of("per-scene")
     assert per_scene.per_scene and Normalization.of({"mode": "per-scene", "scenes": {}}).per_scene
     resolved = per_scene.for_scene(bercy.read, *bercy.shape)
+    training = Normalization.of(per_scene_normalization([bercy]))  # statistics computed once, found by name
+    known = training.for_scene(bercy.read, *bercy.shape, "bercy")
+    assert known is training.scenes["bercy"] and training.for_scene(bercy.read, *bercy.shape, "other") is not known
     for date in (0, 1):
         np.testing.assert_array_equal(resolved[date][0], fixed[date][0])
+        np.testing.assert_array_equal(known[date][1], fixed[date][1])
     x1, x2, valid = bercy.read(Tiling().plan(*bercy.shape)[0].window)
     z = fixed.apply(x1[None], valid[None], 0)
     zt = fixed.apply_tensor(torch.from_numpy(x1[None]), torch.from_numpy(valid[None]), 0).numpy()

@@ -146,7 +146,7 @@ class PatchDataset(Dataset):
         self.scenes = list(scenes)
         self.patch_size = int(patch_size)
         self.normalization = norm
-        self._norms = None if norm is None else [norm.for_scene(s.read, *s.shape) for s in scenes]
+        self._norms = None if norm is None else [norm.for_scene(s.read, *s.shape, s.name) for s in scenes]
         self.augment = augment
         self.length = int(length)
         self.seed = int(seed)

@@ -1,4 +1,5 @@
-"""From a model name or checkpoint to a tile predictor: normalisation, batching, device, timing."""
+"""From a model name or checkpoint to the model of a run: ModelSpec, the bundled-model choice, the device, and
+TilePredictor (the model built once, with its normalisation and scene fit, predicting through the scene runner)."""
 
 from __future__ import annotations
 

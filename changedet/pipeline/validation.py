@@ -50,7 +50,7 @@ def scene_runner(
     transform: InputTransform | None = None,
 ) -> SceneRunner:
     """The runner of ``model`` on ``scene`` (per-scene statistics resolved on the scene itself)."""
-    norm = Normalization.of(normalization).for_scene(scene.read, *scene.shape)
+    norm = Normalization.of(normalization).for_scene(scene.read, *scene.shape, scene.name)
     return SceneRunner(model, norm, tiling, batch_size, device, amp, transform)
 
 
