@@ -21,7 +21,6 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import changedet
 from prefect import flow, task, unmapped
 from prefect.artifacts import create_markdown_artifact
 from prefect.runtime import flow_run
@@ -33,6 +32,7 @@ from changedet.pipeline.detect import (
     RunPlan,
     input_fingerprint,
     missing_batches,
+    plan_layout,
     plan_run,
     predict_batches,
     remove_tile_store,
@@ -103,15 +103,15 @@ def fingerprint(params: DetectFlowParams) -> str:
     retries=2,
     retry_delay_seconds=2,
     retry_condition_fn=_only_io_errors,
-    cache_key_fn=lambda ctx, p: f"changedet-{changedet.__version__}-plan-{p['content_key']}-{_paths_key(p['params'])}",
+    cache_key_fn=lambda ctx, p: f"changedet-plan-{plan_layout()}-{p['content_key']}-{_paths_key(p['params'])}",
     persist_result=True,
 )
 def plan(params: DetectFlowParams, content_key: str) -> RunPlan:
     """Align the pair, plan tiles, fit scene statistics.
 
     Cached on the content fingerprint (new bytes under the same paths are re-planned) plus the input
-    paths, because a plan holds the paths it reads from, and the changedet version (a pickled plan of
-    another version may not load).
+    paths, because a plan holds the paths it reads from, and the plan's layout (:func:`plan_layout`: a
+    plan pickled by another version or layout of the code is never loaded).
     """
     return plan_run(params.t1, params.t2, params.detect_params(), content_key)
 

@@ -154,3 +154,18 @@ def test_library_code_never_imports_prefect():
             names = [a.name for a in node.names] if isinstance(node, ast.Import) else [node.module or ""] if isinstance(node, ast.ImportFrom) else []
             offenders += [f"{path.name}: {n}" for n in names if n.split(".")[0] in ("prefect", "prefect_dask")]
     assert offenders == []
+
+
+def test_cached_plans_key_on_the_plan_layout(monkeypatch):
+    """The flow's cached plans are keyed on the fields of everything a RunPlan pickles: a new field
+    anywhere (here in the Normalization it holds) gives another key, so no stale plan is unpickled."""
+    import dataclasses
+
+    from changedet.normalization import Normalization
+    from changedet.pipeline import planning
+
+    before = planning.plan_layout()
+    assert before == planning.plan_layout() and len(before) == 12
+    grown = dataclasses.make_dataclass("Normalization", [("extra", int, dataclasses.field(default=0))], bases=(Normalization,), eq=False, frozen=True)
+    monkeypatch.setattr(planning, "Normalization", grown)
+    assert planning.plan_layout() != before

@@ -24,7 +24,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-import numpy as np
 import torch
 
 from changedet.pipeline.align import PairReader
@@ -36,9 +35,9 @@ from changedet.pipeline.outputs import (  # noqa: F401 - the output table, re-ex
     QUICKLOOK, RUN_JSON, peak_rss_mb, write_outputs,
 )
 from changedet.pipeline.planning import (  # noqa: F401 - planning API, re-exported
-    DetectParams, RunPlan, content_fingerprint, input_fingerprint, open_inputs, open_tile_store, plan_run,
+    DetectParams, RunPlan, content_fingerprint, input_fingerprint, open_inputs, open_tile_store, plan_layout, plan_run,
 )
-from changedet.pipeline.inference import SceneRunner, TileBatch
+from changedet.pipeline.inference import SceneRunner, read_batch
 from changedet.pipeline.predictor import TilePredictor
 from changedet.pipeline.tilestore import TileStore
 
@@ -73,13 +72,12 @@ def predict_batch(plan: RunPlan, batch: int, store_root: str | Path) -> dict[str
     reader, runner, store = _worker_state(plan, store_root)
     tiles = [plan.tiles[i] for i in plan.batches[batch]]
     start = time.perf_counter()
-    reads = [reader.read(t.window) for t in tiles]
+    raw = read_batch(reader.read, tiles)
     read_s = time.perf_counter() - start
     model_before = runner.model_seconds
-    x1, x2, valid = (np.stack([r[k] for r in reads]) for k in range(3))
-    prob, diff = runner.predict(TileBatch(tiles, x1, x2, valid))
+    prob, diff = runner.predict(raw)
     for i, tile in enumerate(tiles):
-        store.write(tile.index, prob[i], diff[i], valid[i])
+        store.write(tile.index, prob[i], diff[i], raw.valid[i])
     return {"read_s": read_s, "model_s": runner.model_seconds - model_before, "tiles": len(tiles)}
 
 

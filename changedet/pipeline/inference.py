@@ -51,11 +51,20 @@ class TileBatch:
     label: np.ndarray | None = None
 
 
+LabelWindow = Callable[[Window], np.ndarray]
+
+
+def read_batch(read: PairRead, tiles: list[Tile], label: LabelWindow | None = None) -> TileBatch:
+    """The raw :class:`TileBatch` of ``tiles`` (with their labels when ``label`` is given)."""
+    reads = [read(t.window) for t in tiles]
+    x1, x2, valid = (np.stack([r[k] for r in reads]) for k in range(3))
+    return TileBatch(tiles, x1, x2, valid, None if label is None else np.stack([label(t.window) for t in tiles]))
+
+
 #: ``transform(runner, batch) -> (x1, x2)``: raw tiles to predict instead of ``batch.x1, batch.x2``
 InputTransform = Callable[["SceneRunner", TileBatch], tuple[np.ndarray, np.ndarray]]
 #: ``sink(row_off, probability (n, W), difference (n, W), valid (n, W))``: finished rows, top to bottom
 SceneSink = Callable[[int, np.ndarray, np.ndarray, np.ndarray], None]
-LabelWindow = Callable[[Window], np.ndarray]
 
 
 class SceneRunner:
@@ -135,11 +144,7 @@ class SceneRunner:
         """Raw :class:`TileBatch` es of the scene's tiles, row-major, ``batch_size`` tiles each."""
         tiles = self.tiling.plan(*shape)
         for start in range(0, len(tiles), self.batch_size):
-            part = tiles[start : start + self.batch_size]
-            reads = [read(t.window) for t in part]
-            x1, x2, valid = (np.stack([r[k] for r in reads]) for k in range(3))
-            labels = np.stack([label(t.window) for t in part]) if label is not None else None
-            yield TileBatch(part, x1, x2, valid, labels)
+            yield read_batch(read, tiles[start : start + self.batch_size], label)
 
     def normalized_batches(
         self, read: PairRead, shape: tuple[int, int], label: LabelWindow | None = None

@@ -14,17 +14,19 @@ import hashlib
 import json
 import time
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 import numpy as np
 
+import changedet
 from changedet.errors import InputError, ModelError
 from changedet.normalization import Normalization
 from changedet.pipeline.align import AlignedPair, PairReader, align_pair
+from changedet.pipeline.grid import Grid
 from changedet.pipeline.params import DEFAULT_MODEL, DetectParams
 from changedet.io.bands import model_roles, order_for_model, order_like, scene_roles
-from changedet.io.scene import Scene, open_scene
+from changedet.io.scene import BandSource, Scene, open_scene
 from changedet.pipeline.predictor import ModelSpec, SceneFit, TilePredictor, auto_model, resolve_model
 from changedet.pipeline.tiling import Tile
 from changedet.pipeline.tilestore import TileStore
@@ -81,7 +83,7 @@ def _model_label(params: DetectParams, spec: ModelSpec) -> str:
 
 
 def open_inputs(t1: str | Path, t2: str | Path, params: DetectParams) -> tuple[Scene, Scene, ModelSpec]:
-    """Validate parameters, resolve the model and open both dates with the model's bands, in the
+    """Resolve the model and open both dates with the model's bands, in the
     model's order (by band name for checkpoints with ``bands``, by declared role for ``channel_names``)."""
     first = None
     if params.model == DEFAULT_MODEL:
@@ -252,6 +254,16 @@ def _plan(t1: str | Path, t2: str | Path, params: DetectParams, fingerprint: str
     fingerprint = fingerprint or content_fingerprint(scene1, scene2, spec, params)
     timings["fingerprint_s"] = time.perf_counter() - start
     return RunPlan(pair, tiles, batches, spec, params, threshold, predictor.scene_fit(), fingerprint, timings, predictor=predictor)
+
+
+def plan_layout() -> str:
+    """A digest of the changedet version and of the fields of a :class:`RunPlan` and of every value it
+    holds: caches of pickled plans (the flow's plan task) key on it, so a plan pickled by other code is
+    never loaded into this one."""
+    holds = (RunPlan, AlignedPair, Scene, BandSource, Grid, Tile, ModelSpec, SceneFit, Normalization)
+    layout = [changedet.__version__] + [f"{c.__qualname__}:{','.join(f.name for f in fields(c))}" for c in holds]
+    layout.append(f"DetectParams:{','.join(DetectParams.model_fields)}")
+    return hashlib.blake2b("|".join(layout).encode(), digest_size=6).hexdigest()
 
 
 def open_tile_store(plan: RunPlan, root: str | Path) -> TileStore:
