@@ -86,6 +86,20 @@ def classification_metrics(pred: np.ndarray, target: np.ndarray, n_classes: int 
 
 
 DEFAULT_BINS = 1000
+def otsu_from_histogram(counts: np.ndarray, edges: np.ndarray) -> float:
+    """Otsu's threshold of a histogram (``counts`` per bin between ``edges``): the bin edge that
+    maximises the between-class variance (ties: the lowest such edge)."""
+    counts = np.asarray(counts, np.float64)
+    centres = (edges[:-1] + edges[1:]) / 2
+    weight0 = np.cumsum(counts)
+    weight1 = weight0[-1] - weight0
+    sum0 = np.cumsum(counts * centres)
+    mean0 = sum0 / np.maximum(weight0, 1)
+    mean1 = (sum0[-1] - sum0) / np.maximum(weight1, 1)
+    between = weight0 * weight1 * (mean0 - mean1) ** 2
+    return float(edges[int(np.argmax(between[:-1])) + 1])
+
+
 IGNORE = 255  # label value of pixels whose class is unknown: never scored, never trained on
 
 
@@ -129,6 +143,10 @@ class ProbabilityHistogram:
         denom = 2 * tp[k] + fp[k] + fn[k]
         f1 = np.where(denom > 0, 2 * tp[k] / np.maximum(denom, 1), 0.0)
         return k / self.bins, f1
+
+    def otsu_threshold(self) -> float:
+        """Label-free: Otsu's threshold of the histogram of every counted pixel (change or not)."""
+        return otsu_from_histogram(self.pos + self.neg, np.linspace(0.0, 1.0, self.bins + 1))
 
     def best_threshold(self) -> float:
         """Threshold maximising F1 (ties: the one closest to 0.5)."""

@@ -19,12 +19,13 @@ import torch
 from torch import nn
 
 from changedet.data.scenes import ChangeScene
+from changedet.harmonization import QUANTILES, QuantileMap, band_quantiles, sample_quantiles
 from changedet.models import ChangeModel
 from changedet.normalization import Normalization
 from changedet.pipeline.tiling import DEFAULT_BATCH_SIZE, DEFAULT_OVERLAP, DEFAULT_TILE, Tiling
 from changedet.pipeline.validation import scene_runner
 
-QUANTILES = 1024
+__all__ = ["QUANTILES", "adabn", "band_quantiles", "batchnorm_layers", "match_histograms", "match_scene", "reference_quantiles"]
 
 
 def batchnorm_layers(model: nn.Module) -> list[nn.modules.batchnorm._BatchNorm]:
@@ -74,33 +75,20 @@ def adabn(
     return adapted.eval()
 
 
-def band_quantiles(x: np.ndarray, valid: np.ndarray, n: int = QUANTILES) -> np.ndarray:
-    """``(C, n)`` quantiles (levels ``linspace(0, 1, n)``) of each band of ``x (C, H, W)`` over valid pixels."""
-    return np.quantile(x[:, valid].astype(np.float64), np.linspace(0.0, 1.0, n), axis=1).T
-
-
 def reference_quantiles(scenes: Sequence[ChangeScene], n: int = QUANTILES) -> np.ndarray:
     """Quantiles of both dates of ``scenes`` pooled (a source domain's per-band distribution)."""
     pixels = []
     for scene in scenes:
         x1, x2, valid = scene.pixels()
         pixels += [x1[:, valid], x2[:, valid]]
-    data = np.concatenate(pixels, axis=1)
-    return np.quantile(data.astype(np.float64), np.linspace(0.0, 1.0, n), axis=1).T
+    return sample_quantiles(np.concatenate(pixels, axis=1).T, n)
 
 
 def match_histograms(x: np.ndarray, valid: np.ndarray, reference: np.ndarray) -> np.ndarray:
     """Map each band of ``x (C, H, W)`` onto the ``reference (C, n)`` quantiles; invalid pixels untouched."""
     if reference.shape[0] != x.shape[0]:
         raise ValueError(f"reference has {reference.shape[0]} bands, the image {x.shape[0]}")
-    own = band_quantiles(x, valid, reference.shape[1])
-    levels = np.linspace(0.0, 1.0, reference.shape[1])
-    out = x.astype(np.float32, copy=True)
-    for b in range(x.shape[0]):
-        # ties in the source quantiles (flat histograms, 8-bit data) share the mid rank
-        rank = (np.interp(x[b][valid], own[b], levels) + np.interp(-x[b][valid], -own[b][::-1], levels[::-1])) / 2
-        out[b][valid] = np.interp(rank, levels, reference[b])
-    return out
+    return QuantileMap(band_quantiles(x, valid, reference.shape[1]), reference).apply(x, valid)
 
 
 def match_scene(scene: ChangeScene, reference: np.ndarray | None = None) -> ChangeScene:

@@ -42,6 +42,7 @@ class ModelConfig(BaseModel):
     encoder_layers: PositiveInt | None = None
     decoder_layers: PositiveInt | None = None
     heads: PositiveInt | None = None
+    members: list[dict[str, Any]] | None = Field(default=None, description="ensemble: [{model, config}, ...]")
 
     @field_validator("name")
     @classmethod

@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from changedet.errors import InputError, ModelError
+from changedet.metrics import otsu_from_histogram
 from changedet.models.base import ChangeModel
 from changedet.models.output import ChangeOutput
 from changedet.models.registry import register_model
@@ -32,14 +33,7 @@ def otsu_threshold(values: np.ndarray, bins: int = 256) -> float:
     if hi <= lo:
         return lo
     hist, edges = np.histogram(values, bins=bins, range=(lo, hi))
-    centres = (edges[:-1] + edges[1:]) / 2
-    weight0 = np.cumsum(hist)
-    weight1 = weight0[-1] - weight0
-    sum0 = np.cumsum(hist * centres)
-    mean0 = sum0 / np.maximum(weight0, 1)
-    mean1 = (sum0[-1] - sum0) / np.maximum(weight1, 1)
-    between = weight0 * weight1 * (mean0 - mean1) ** 2
-    return float(edges[int(np.argmax(between[:-1])) + 1])
+    return otsu_from_histogram(hist, edges)
 
 
 NO_CHANGE_MAGNITUDE = 1e-3  # standardised units: below this every pixel is the same after normalisation (float rounding)

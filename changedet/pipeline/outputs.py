@@ -16,7 +16,7 @@ import resource
 import time
 from importlib import metadata
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import rasterio
@@ -28,37 +28,69 @@ from changedet.io.polygons import polygonize_mask
 from changedet.io.quicklook import write_quicklook
 from changedet.io.styles import write_mask_style, write_probability_style
 from changedet.io.writers import BlockRasterWriter, OutputStaging, write_cog, write_text
+from changedet.metrics import ProbabilityHistogram
 from changedet.pipeline.mosaic import StreamingMosaic
 from changedet.pipeline.output_table import (  # noqa: F401 - the output table, re-exported for writers' callers
     DIFFERENCE, FLOAT_NODATA, MASK, MASK_NODATA, MASK_STYLE, OUTPUT_NAMES, POLYGONS, PROBABILITY, PROBABILITY_STYLE,
     QUICKLOOK, RASTERS, RUN_JSON,
 )
 from changedet.pipeline.planning import RunPlan, open_tile_store
+from changedet.pipeline.postprocess import drop_small_regions, scene_threshold
 from changedet.pipeline.tilestore import TileStore
 
-def _mosaic_to_scratch(plan: RunPlan, store: TileStore, paths: dict[str, Path]) -> dict[str, int]:
+def _blend(plan: RunPlan, store: TileStore, sink: Callable[[int, np.ndarray, np.ndarray], None]) -> int:
+    """Blend the stored tiles in row order into ``sink(row_off, values, valid)``; returns the tiles skipped (no valid pixel)."""
+    mosaic = StreamingMosaic.of(plan.params.tiling, plan.pair.grid.shape, plan.tiles, 2, sink)
+    skipped = 0
+    for tile in plan.tiles:
+        values, valid = store.read(tile.index)
+        if valid.any():
+            mosaic.add(tile, values, valid)
+        else:
+            mosaic.skip(tile)
+            skipped += 1
+    return skipped
+
+
+def _scene_threshold(plan: RunPlan, store: TileStore) -> float:
+    """The threshold of the run's rule: the plan's fixed one, or Otsu's of the blended probability."""
+    if plan.params.threshold_rule != "otsu":
+        return plan.threshold
+    histogram = ProbabilityHistogram()
+
+    def sink(row_off: int, values: np.ndarray, valid: np.ndarray) -> None:
+        histogram.update(values[0], np.zeros(valid.shape, bool), valid)
+
+    _blend(plan, store, sink)
+    return scene_threshold("otsu", plan.threshold, histogram)
+
+
+def _drop_small_regions(path: Path, min_pixels: int) -> dict[str, int]:
+    """Rewrite the scratch mask at ``path`` without its regions of fewer than ``min_pixels`` pixels."""
+    with rasterio.open(path, "r+") as ds:
+        band = ds.read(1)
+        mask, dropped = drop_small_regions(band == 1, min_pixels)
+        if dropped:
+            ds.write(np.where(band == MASK_NODATA, MASK_NODATA, mask).astype(np.uint8), 1)
+    return {"changed_pixels": int(mask.sum()), "dropped_regions": dropped}
+
+
+def _mosaic_to_scratch(plan: RunPlan, store: TileStore, paths: dict[str, Path], threshold: float) -> dict[str, int]:
     grid = plan.pair.grid
     writers = {o.name: BlockRasterWriter(paths[o.name], grid, o.dtype, o.nodata) for o in RASTERS}
     counts = {"valid_pixels": 0, "changed_pixels": 0, "tiles": len(plan.tiles), "skipped_tiles": 0}
 
     def sink(row_off: int, values: np.ndarray, valid: np.ndarray) -> None:
         prob, diff = values
-        changed = valid & (prob >= plan.threshold)
+        changed = valid & (prob >= threshold)
         writers[PROBABILITY].write_rows(row_off, np.where(valid, prob, FLOAT_NODATA))
         writers[DIFFERENCE].write_rows(row_off, np.where(valid, diff, FLOAT_NODATA))
         writers[MASK].write_rows(row_off, np.where(valid, changed, MASK_NODATA).astype(np.uint8))
         counts["valid_pixels"] += int(valid.sum())
         counts["changed_pixels"] += int(changed.sum())
 
-    mosaic = StreamingMosaic.of(plan.params.tiling, grid.shape, plan.tiles, 2, sink)
     try:
-        for tile in plan.tiles:
-            values, valid = store.read(tile.index)
-            if valid.any():
-                mosaic.add(tile, values, valid)
-            else:
-                mosaic.skip(tile)
-                counts["skipped_tiles"] += 1
+        counts["skipped_tiles"] = _blend(plan, store, sink)
     finally:
         for w in writers.values():
             w.discard()
@@ -137,14 +169,17 @@ def write_outputs(
     with OutputStaging(out_dir, OUTPUT_NAMES, overwrite) as staging:
         start = time.perf_counter()
         scratch = {o.name: staging.path(f"scratch_{o.name}") for o in RASTERS}
-        counts = {**_mosaic_to_scratch(plan, store, scratch), **(extra_counts or {})}
+        threshold = _scene_threshold(plan, store)
+        counts = {**_mosaic_to_scratch(plan, store, scratch, threshold), **(extra_counts or {})}
+        if plan.params.min_region and plan.params.min_region > 1:
+            counts.update(_drop_small_regions(scratch[MASK], plan.params.min_region))
         timings["mosaic_s"] = time.perf_counter() - start
         start = time.perf_counter()
         write_cog(scratch[PROBABILITY], staging.path(PROBABILITY), "average")
         write_cog(scratch[DIFFERENCE], staging.path(DIFFERENCE), "average")
         write_cog(scratch[MASK], staging.path(MASK), "nearest")
         timings["cog_s"] = time.perf_counter() - start
-        write_probability_style(staging.path(PROBABILITY_STYLE), plan.threshold, FLOAT_NODATA)
+        write_probability_style(staging.path(PROBABILITY_STYLE), threshold, FLOAT_NODATA)
         write_mask_style(staging.path(MASK_STYLE), MASK_NODATA)
         changes = _polygons(staging, timings)
         write_quicklook(staging.path(PROBABILITY), staging.path(QUICKLOOK))
@@ -155,7 +190,7 @@ def write_outputs(
             **plan.pair.to_dict(),
             "model": plan.spec.describe(),
             "parameters": plan.params.model_dump(),
-            "threshold": plan.threshold,
+            "threshold": threshold,
             "fingerprint": plan.fingerprint,
             "warnings": plan.warnings,
             "counts": counts,

@@ -8,7 +8,7 @@ flow's parameters extend it with orchestration-only fields. A new field appears 
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import ConfigDict, Field, model_validator
 
@@ -18,6 +18,11 @@ from changedet.pipeline.tiling import DEFAULT_BATCH_SIZE, BLEND_MODES, DEFAULT_O
 from changedet.runtime.onnx import RUNTIMES
 
 DEFAULT_MODEL = "auto"
+THRESHOLD_RULES = ("fixed", "otsu")
+TTA_MODES = ("none", "dihedral")
+HARMONIZATIONS = ("none", "histogram")
+#: test-time fields whose None means "the model's recommendation" (checkpoint metadata ``test_time``), then these
+TEST_TIME_DEFAULTS = {"threshold_rule": "fixed", "tta": "none", "harmonize": "none", "min_region": 0}
 
 
 class DetectParams(Parameters):
@@ -30,6 +35,17 @@ class DetectParams(Parameters):
     tile: int = Field(DEFAULT_TILE, ge=MIN_TILE, description="tile size in pixels")
     overlap: int = Field(DEFAULT_OVERLAP, ge=0, description="tile overlap in pixels (below --tile)")
     threshold: float | None = Field(None, ge=0.0, le=1.0, description="probability threshold (default: the model's, else 0.5)")
+    threshold_rule: Literal[THRESHOLD_RULES] | None = Field(  # type: ignore[valid-type]
+        None, description="fixed: --threshold (else the model's); otsu: per scene, Otsu's threshold of the change-probability "
+        "histogram (label-free); default: the model's recommended rule, else fixed")
+    tta: Literal[TTA_MODES] | None = Field(  # type: ignore[valid-type]
+        None, description="test-time augmentation: dihedral averages the 8 flips/rotations of every tile (8x the model "
+        "time); default: the model's recommendation, else none")
+    harmonize: Literal[HARMONIZATIONS] | None = Field(  # type: ignore[valid-type]
+        None, description="radiometric harmonisation before the model: histogram maps t2's bands onto t1's distribution "
+        "(quantiles fitted on the scene); default: the model's recommendation, else none")
+    min_region: int | None = Field(None, ge=0, description="drop change regions (8-connected) of fewer pixels from the mask "
+                                   "and polygons; default: the model's recommendation, else 0 (keep all)")
     crs: str | None = Field(None, description="target CRS, e.g. EPSG:32631 (default: t1's)")
     resolution: float | None = Field(None, gt=0.0, description="target pixel size in CRS units (default: t1's finest)")
     bands: list[str] | None = Field(None, description="comma-separated band names, descriptions or 1-based indexes")
@@ -49,7 +65,19 @@ class DetectParams(Parameters):
     def _overlap_below_tile(self) -> "DetectParams":
         if self.overlap >= self.tile:
             raise ValueError(f"--overlap must be in [0, tile) = [0, {self.tile}), got {self.overlap}")
+        if self.threshold is not None and self.threshold_rule == "otsu":
+            raise ValueError("--threshold fixes the threshold; --threshold-rule otsu chooses one per scene: give one of them")
         return self
+
+    def with_test_time(self, recommended: dict[str, Any] | None) -> "DetectParams":
+        """These parameters with every unset test-time field resolved: the model's ``recommended``
+        setting (checkpoint metadata ``test_time``), else :data:`TEST_TIME_DEFAULTS`. A fixed
+        ``--threshold`` keeps the fixed rule."""
+        recommended = recommended or {}
+        update = {k: recommended.get(k, default) for k, default in TEST_TIME_DEFAULTS.items() if getattr(self, k) is None}
+        if self.threshold is not None and "threshold_rule" in update:
+            update["threshold_rule"] = "fixed"
+        return type(self)(**{**self.model_dump(), **update}) if update else self
 
     @property
     def tiling(self) -> Tiling:

@@ -72,7 +72,8 @@ def content_fingerprint(t1: Scene, t2: Scene, spec: ModelSpec, params: DetectPar
         digest.update(json.dumps([(b.name, b.index) for b in scene.bands]).encode())
     if spec.checkpoint is not None:
         _hash_file(str(spec.checkpoint), digest)
-    settings = {k: v for k, v in params.model_dump().items() if k not in ("model", "threshold", "device", "threads", "max_pixels")}
+    resolved = params.with_test_time(spec.metadata.get("test_time"))
+    settings = {k: v for k, v in resolved.model_dump().items() if k not in ("model", "threshold", "device", "threads", "max_pixels")}
     settings["model"] = spec.name
     digest.update(json.dumps(settings, sort_keys=True, default=str).encode())
     return digest.hexdigest()
@@ -228,6 +229,7 @@ def plan_run(t1: str | Path, t2: str | Path, params: DetectParams, fingerprint: 
 def _plan(t1: str | Path, t2: str | Path, params: DetectParams, fingerprint: str | None) -> RunPlan:
     start = time.perf_counter()
     scene1, scene2, spec = open_inputs(t1, t2, params)
+    params = params.with_test_time(spec.metadata.get("test_time"))
     pair = align_pair(scene1, scene2, params.crs, params.resolution, params.resampling, spec.heterogeneous)
     pixels = pair.grid.height * pair.grid.width
     if pixels > params.max_pixels:
@@ -236,7 +238,7 @@ def _plan(t1: str | Path, t2: str | Path, params: DetectParams, fingerprint: str
             f"{params.max_pixels} px: check the inputs' declared size and --resolution, or raise --max-pixels"
         )
     label = _model_label(params, spec)
-    predictor = TilePredictor(spec, (scene1.count, scene2.count), params.device, params.runtime)
+    predictor = TilePredictor(spec, (scene1.count, scene2.count), params.device, params.runtime, params.tta == "dihedral")
     _check_model_input_size(pair, predictor, label)
     tiles = params.tiling.plan(pair.grid.height, pair.grid.width)
     _check_radiometry(pair, tiles, spec, label)
@@ -247,8 +249,12 @@ def _plan(t1: str | Path, t2: str | Path, params: DetectParams, fingerprint: str
     if spec.per_scene_normalization:  # exact statistics of the whole scene, as in training
         with PairReader(pair) as reader:
             predictor.set_normalization(Normalization.of_pair(reader.read, pair.grid.height, pair.grid.width))
-    if predictor.needs_samples:
-        predictor.fit_scene(*_sample_pixels(pair, tiles, params, label))
+    if predictor.needs_samples or params.harmonize == "histogram":
+        x1, x2 = _sample_pixels(pair, tiles, params, label)
+        if params.harmonize == "histogram":
+            x2 = predictor.harmonize(x1, x2)
+        if predictor.needs_samples:
+            predictor.fit_scene(x1, x2)
     timings["sample_s"] = time.perf_counter() - start
     start = time.perf_counter()
     fingerprint = fingerprint or content_fingerprint(scene1, scene2, spec, params)

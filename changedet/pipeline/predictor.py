@@ -11,14 +11,16 @@ import numpy as np
 import torch
 
 from changedet.checkpoint import load_state_dict, read_metadata
+from changedet.harmonization import QuantileMap, harmonized_normalization
 from changedet.normalization import PER_SCENE, Normalization
-from changedet.pipeline.inference import SceneRunner, TileBatch
+from changedet.pipeline.inference import InputTransform, SceneRunner, TileBatch
 from changedet.pipeline.tiling import DEFAULT_BATCH_SIZE, Tiling
 from changedet.runtime.memory import keep_freed_memory
 from changedet.runtime.onnx import to_runtime
 from changedet.errors import ModelError
 from changedet.io.bands import COLOUR_ROLES
 from changedet.models import ChangeModel, create_model, model_entry
+from changedet.models.test_time import DihedralTTA
 from changedet.weights import bundled_checkpoint
 
 AUTO_BUNDLED = "oscd-s2"
@@ -30,11 +32,13 @@ class SceneFit:
     """Scene statistics fitted once per run and shipped to every worker.
 
     ``normalization``: the statistics applied to this scene; ``buffers``: fitted model buffers
-    (e.g. CVA's statistics and Otsu threshold), empty for trained models.
+    (e.g. CVA's statistics and Otsu threshold), empty for trained models; ``harmonization``: the map of
+    t2's values onto t1's (``--harmonize histogram``), None without.
     """
 
     normalization: Normalization
     buffers: dict[str, np.ndarray] = field(default_factory=dict)
+    harmonization: QuantileMap | None = None
 
 
 @dataclass(frozen=True)
@@ -122,6 +126,17 @@ def auto_model(band_names: Sequence[str], roles: Sequence[str | None] | None = N
     return resolve_model("cva")
 
 
+def harmonize_t2(harmonization: QuantileMap | None) -> InputTransform | None:
+    """The scene runner's input transform that maps t2 onto t1 with ``harmonization`` (None without one)."""
+    if harmonization is None:
+        return None
+
+    def transform(_runner: SceneRunner, batch: TileBatch) -> tuple[np.ndarray, np.ndarray]:
+        return batch.x1, harmonization.apply(batch.x2, batch.valid)
+
+    return transform
+
+
 def resolve_device(device: str) -> torch.device:
     """``cpu``, ``cuda`` or ``cuda:N``; :class:`ModelError` for anything else or a CUDA device that is absent."""
     kind, _, index = device.partition(":")
@@ -141,7 +156,9 @@ class TilePredictor:
     per-scene checkpoints, or samples of the scene) and any scene fit (CVA). Predictions go through
     the one :class:`~changedet.pipeline.inference.SceneRunner` (:meth:`runner`)."""
 
-    def __init__(self, spec: ModelSpec, in_channels: tuple[int, int], device: str = "cpu", runtime: str = "torch") -> None:
+    def __init__(
+        self, spec: ModelSpec, in_channels: tuple[int, int], device: str = "cpu", runtime: str = "torch", tta: bool = False
+    ) -> None:
         self.spec = spec
         self.device = resolve_device(device)
         config = {**spec.metadata.get("config", {}), "in_channels": in_channels[0] if in_channels[0] == in_channels[1] else in_channels}
@@ -166,11 +183,15 @@ class TilePredictor:
             if self.device.type != "cpu":
                 raise ModelError(f"--runtime {runtime} runs on the CPU; drop --device {device}")
             self.model = to_runtime(self.model, runtime)
+        if tta:
+            self.model = DihedralTTA(self.model)
         norm = spec.metadata.get("normalization")
         self.normalization: Normalization | None = None
         if norm is not None and not spec.per_scene_normalization:
             self.normalization = Normalization.of(norm)
+        self.harmonization: QuantileMap | None = None
         self._runner: SceneRunner | None = None
+        self._runner_key: tuple = ()
 
     @property
     def needs_samples(self) -> bool:
@@ -182,12 +203,28 @@ class TilePredictor:
         """Adopt the statistics to apply (a per-scene checkpoint's: the scene's own, exact)."""
         self.normalization = normalization
 
+    def harmonize(self, x1: np.ndarray, x2: np.ndarray) -> np.ndarray:
+        """Fit the map of t2's values onto t1's from valid pixel samples ``(N, C)`` of each date
+        (``--harmonize histogram``); returns the mapped ``x2`` samples."""
+        if self.spec.heterogeneous or x1.shape[1] != x2.shape[1]:
+            raise ModelError(f"--harmonize histogram maps t2's bands onto t1's one by one; model {self.spec.name} takes "
+                             "different bands per date")
+        self.harmonization = QuantileMap.fit(x2, x1)
+        return self.harmonization.apply(x2.T[:, :, None], np.ones((len(x2), 1), bool))[:, :, 0].T
+
+    @property
+    def applied_normalization(self) -> Normalization | None:
+        """The statistics applied to the model inputs: t1's for both dates once t2 is harmonised onto t1."""
+        norm = self.normalization
+        return harmonized_normalization(norm) if norm is not None and self.harmonization is not None else norm
+
     def fit_scene(self, x1: np.ndarray, x2: np.ndarray) -> None:
-        """Scene statistics from valid pixel samples ``(N, C)`` of each date."""
+        """Scene statistics from valid pixel samples ``(N, C)`` of each date (``x2`` already harmonised, if it is)."""
         if self.normalization is None:
             self.normalization = Normalization.from_samples(x1, x2)
         if self.model.needs_scene_fit:
-            t1, t2 = (torch.from_numpy(self.normalization.apply(x[..., None, None], np.ones((len(x), 1, 1), bool), d))[..., 0, 0]
+            norm = self.applied_normalization
+            t1, t2 = (torch.from_numpy(norm.apply(x[..., None, None], np.ones((len(x), 1, 1), bool), d))[..., 0, 0]
                       for d, x in enumerate((x1, x2)))
             self.model.fit_scene(t1, t2, torch.ones(len(x1), dtype=torch.bool))
 
@@ -196,11 +233,12 @@ class TilePredictor:
         if self.normalization is None:
             raise ModelError("the scene has not been fitted yet")
         buffers = {k: v.cpu().numpy() for k, v in self.model.named_buffers()} if self.model.needs_scene_fit else {}
-        return SceneFit(self.normalization, buffers)
+        return SceneFit(self.normalization, buffers, self.harmonization)
 
     def load_scene_fit(self, fit: SceneFit) -> None:
         """Adopt a scene state produced by :meth:`scene_fit` (possibly in another process)."""
         self.normalization = fit.normalization
+        self.harmonization = fit.harmonization
         own = dict(self.model.named_buffers())
         with torch.no_grad():
             for name, value in fit.buffers.items():
@@ -211,9 +249,11 @@ class TilePredictor:
         if self.normalization is None:
             raise ModelError("TilePredictor.fit_scene (or set_normalization) must run before predicting with a model without statistics")
         tiling = tiling or Tiling()
-        current = self._runner
-        if current is None or (current.normalization, current.tiling, current.batch_size) != (self.normalization, tiling, batch_size):
-            self._runner = SceneRunner(self.model, self.normalization, tiling, batch_size, self.device)
+        key = (id(self.normalization), id(self.harmonization), tiling, batch_size)
+        if self._runner is None or self._runner_key != key:
+            self._runner = SceneRunner(self.model, self.applied_normalization, tiling, batch_size, self.device,
+                                       transform=harmonize_t2(self.harmonization))
+            self._runner_key = key
         return self._runner
 
     @property
