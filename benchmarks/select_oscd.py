@@ -35,12 +35,14 @@ from multiprocessing import get_context
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = ROOT / "configs" / "train" / "oscd_bundled.yaml"
 WORK = ROOT / "benchmarks" / "_work" / "select"
 RESULTS = ROOT / "benchmarks" / "results" / "select_oscd"
 FOLDS = 5
-BUDGETS = (8, 16, 24)
+BUDGETS = (8, 16, 24, 36, 48)
 _BASE: dict[str, Any] = {
     "data": {"val": [], "patch_size": 64, "samples_per_epoch": 768},
     "batch_size": 16,
@@ -136,6 +138,69 @@ def run_jobs(jobs: list[tuple], processes: int) -> None:
             print(line, flush=True)
 
 
+def bundle(recipe: str, epochs: int, seeds: list[int], row: str, rule: str, test_time: dict[str, Any], name: str) -> Path:
+    """Write the bundled model ``name``: the final members (one, or an ensemble) of ``recipe`` trained
+    on all labelled cities, its threshold rule, test-time options and CV figure (``row`` of
+    ``select_oscd.json`` under ``rule``) in the metadata, and its F1 on the sample city (a training city)."""
+    import torch
+    from safetensors.torch import load_file
+
+    from changedet.checkpoint import read_metadata, save_checkpoint
+    from changedet.evaluate import evaluate_mask
+    from changedet.pipeline.detect import MASK, DetectParams, detect_changes
+    from changedet.weights import BUNDLED
+
+    table = json.loads((RESULTS.parent / "select_oscd.json").read_text())
+    cv = table["rows"][row]
+    paths = [snapshot(run_dir(recipe, s, "all"), epochs) for s in seeds]
+    metas = [read_metadata(p) for p in paths]
+    if any(m["normalization"] != metas[0]["normalization"] for m in metas):
+        raise SystemExit("members were trained with different normalisation statistics")
+    meta = {k: v for k, v in metas[0].items() if k not in ("metrics",)}
+    state = {f"members.{i}.{k}": v for i, p in enumerate(paths) for k, v in load_file(str(p)).items()}
+    if len(paths) > 1:
+        meta["model"], meta["config"] = "ensemble", {"members": [{"model": m["model"], "config": m["config"]} for m in metas]}
+    else:
+        state = load_file(str(paths[0]))
+    values = cv["pooled_f1"][rule]
+    threshold = 0.5
+    if rule == "crossfit":  # tuned on every city's held-out prediction pooled (the final model is scored on none)
+        threshold = float(np.mean(cv["threshold_all"]))
+    meta.update(
+        threshold=threshold,
+        test_time={**test_time, "threshold_rule": "otsu" if rule == "otsu" else "fixed"},
+        expected_f1_unseen={
+            "pooled_f1_mean": float(np.mean(values)), "pooled_f1_std": float(np.std(values)), "seeds": cv["seeds"],
+            "protocol": "leave-cities-out CV over the 10 labelled OSCD cities (5 folds of 2), benchmarks/select_oscd.py",
+            "row": row, "threshold_rule": rule, "per_city_mean": (cv.get("per_city_mean") or {}).get(rule)},
+        training={**meta["training"], "members": len(paths), "seeds": seeds, "validation": {"tile": 256, "overlap": 32},
+                  "minutes": round(sum(_minutes(p.parent) for p in paths), 1)},
+        source_config=f"benchmarks/select_oscd.py recipe {recipe} ({CONFIG.relative_to(ROOT)} + overrides), {epochs} epochs",
+    )
+
+    class _State(torch.nn.Module):
+        def state_dict(self, *args: Any, **kwargs: Any) -> dict[str, Any]:
+            return dict(state)
+
+    target = ROOT / "changedet" / "weights" / BUNDLED[name]
+    save_checkpoint(target, _State(), meta)
+    sample = ROOT / "data" / "sample" / "oscd_bercy"
+    out = WORK / f"bundle_{name}"
+    result = detect_changes(sample / "imgs_1", sample / "imgs_2", out, DetectParams(model=name), overwrite=True)
+    m = evaluate_mask(result.path(MASK), sample / "cm" / "bercy-cm.tif")
+    meta["sample_scene"] = {"scene": "bercy", "note": "bercy is one of the training cities: a fit figure, not a validation one",
+                            **{k: m[k] for k in ("f1", "precision", "recall", "tp", "fp", "fn", "tn")}}
+    save_checkpoint(target, _State(), meta)
+    print(f"bundled {name}: {target} ({target.stat().st_size / 2**20:.2f} MiB), expected F1 on unseen cities "
+          f"{np.mean(values):.3f} ± {np.std(values):.3f}; sample-city F1 {m['f1']:.4f} (training city)")
+    return target
+
+
+def _minutes(out: Path) -> float:
+    history = json.loads((out / "result.json").read_text())["history"]
+    return sum(h.get("train_seconds", 0) for h in history) / 60
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -150,14 +215,28 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--epochs", type=int, required=True)
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     p.add_argument("--jobs", type=int, default=2)
+    p = sub.add_parser("bundle")
+    p.add_argument("--recipe", required=True, choices=list(RECIPES))
+    p.add_argument("--epochs", type=int, required=True)
+    p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    p.add_argument("--row", required=True, help="the row of select_oscd.json whose CV figure the model carries")
+    p.add_argument("--rule", required=True, choices=["0.5", "crossfit", "otsu"])
+    p.add_argument("--tta", default="none", choices=["none", "dihedral"])
+    p.add_argument("--harmonize", default="none", choices=["none", "histogram"])
+    p.add_argument("--min-region", type=int, default=0)
+    p.add_argument("--name", default="oscd-s2")
     args = parser.parse_args(argv)
     sys.path.insert(0, str(ROOT / "benchmarks"))
     if args.command == "train":
         run_jobs(train_jobs(args.recipes, args.seeds), args.jobs)
     elif args.command == "final":
         cities = labelled_cities()
-        run_jobs([(args.recipe, s, "all", cities, (args.epochs,)) for s in args.seeds
+        budgets = tuple(b for b in BUDGETS if b < args.epochs) + (args.epochs,)  # snapshots on the way, as in the CV
+        run_jobs([(args.recipe, s, "all", cities, budgets) for s in args.seeds
                   if not snapshot(run_dir(args.recipe, s, "all"), args.epochs).is_file()], args.jobs)
+    elif args.command == "bundle":
+        bundle(args.recipe, args.epochs, args.seeds, args.row, args.rule,
+               {"tta": args.tta, "harmonize": args.harmonize, "min_region": args.min_region}, args.name)
     else:
         import select_oscd_eval
 

@@ -120,6 +120,12 @@ def pooled_f1(hists: dict[str, ProbabilityHistogram], rule: str, fold_of: dict[s
     return total.metrics()["f1"], per_city
 
 
+def _all_cities_threshold(hists: dict[str, ProbabilityHistogram]) -> float:
+    """The F1-optimal threshold of every city's held-out prediction pooled: a final model's fixed threshold."""
+    values = list(hists.values())
+    return sum(values[1:], values[0]).best_threshold()
+
+
 def _load() -> dict[tuple[str, int], dict[str, dict[str, ProbabilityHistogram]]]:
     """(recipe, seed) -> key -> city -> histogram, for (recipe, seed) with every fold predicted."""
     runs: dict[tuple[str, int], dict[str, dict[str, ProbabilityHistogram]]] = {}
@@ -174,16 +180,20 @@ def report() -> dict[str, Any]:
             row = {rule: [pooled_f1(runs[(recipe, s)][key], rule, fold_of)[0] for s in have] for rule in RULES}
             cities_f1 = {rule: {c: float(np.mean([pooled_f1(runs[(recipe, s)][key], rule, fold_of)[1][c] for s in have]))
                                 for c in cities} for rule in RULES}
-            table["rows"][f"{recipe}/{key}"] = {"seeds": have, "pooled_f1": row, "per_city_mean": cities_f1}
+            table["rows"][f"{recipe}/{key}"] = {"seeds": have, "pooled_f1": row, "per_city_mean": cities_f1,
+                                                "threshold_all": [_all_cities_threshold(runs[(recipe, s)][key]) for s in have]}
             print(f"{recipe:<14} {key:<16} {len(have):>5} " + " ".join(f"{_fmt(row[r]):>15}" for r in RULES))
         last = f"e{BUDGETS[-1]}/plain"
         full = [s for s in seeds if last in runs[(recipe, s)]
                 and all((_maps_dir(recipe, s, k) / f"plain_{c}.npz").is_file() for c, k in fold_of.items())]
         if len(full) >= 2:
             extra = _ensemble_and_regions(recipe, full, fold_of)
-            ens = {rule: pooled_f1(extra.pop("ensemble"), rule, fold_of)[0] for rule in RULES}
-            table["rows"][f"{recipe}/e{BUDGETS[-1]}/ensemble{len(full)}"] = {"seeds": full, "pooled_f1": ens}
-            print(f"{recipe:<14} {'ensemble of ' + str(len(full)):<16} {1:>5} " + " ".join(f"{ens[r]:>15.3f}" for r in RULES))
+            ens_hists = extra.pop("ensemble")
+            ens = {rule: [pooled_f1(ens_hists, rule, fold_of)[0]] for rule in RULES}
+            table["rows"][f"{recipe}/e{BUDGETS[-1]}/ensemble{len(full)}"] = {
+                "seeds": full, "pooled_f1": ens, "threshold_all": [_all_cities_threshold(ens_hists)],
+                "per_city_mean": {rule: pooled_f1(ens_hists, rule, fold_of)[1] for rule in RULES}}
+            print(f"{recipe:<14} {'ensemble of ' + str(len(full)):<16} {1:>5} " + " ".join(f"{ens[r][0]:>15.3f}" for r in RULES))
             for name, values in extra.items():
                 table["rows"][f"{recipe}/e{BUDGETS[-1]}/{name}"] = {"seeds": full, "pooled_f1": values}
                 print(f"{recipe:<14} {name:<16} {len(values):>5} {_fmt(values):>15}")

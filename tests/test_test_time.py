@@ -201,3 +201,14 @@ class _Flat(torch.nn.Module):
 
     def state_dict(self, *args, **kwargs):  # noqa: D102
         return dict(self._state)
+
+
+def test_ensemble_runs_on_onnx_runtime_with_equal_outputs() -> None:
+    from changedet.runtime.onnx import to_runtime
+
+    torch.manual_seed(0)
+    ensemble = create_model("ensemble", in_channels=4).eval()
+    t1, t2 = _pair(side=64)
+    with torch.no_grad():
+        eager, onnx = ensemble(t1, t2), to_runtime(ensemble, "onnx")(t1, t2)
+    torch.testing.assert_close(torch.sigmoid(onnx.logits), torch.sigmoid(eager.logits), atol=1e-5, rtol=1e-4)

@@ -4,7 +4,7 @@ Every model is a :class:`ChangeModel` whose ``forward(t1, t2)`` returns a :class
 Importing this package registers all model families.
 """
 
-from changedet.models import bit, cva, fc_siam, pseudo_siamese, siamese, test_time  # noqa: F401  (register models)
+from changedet.models import bit, cva, fc_siam, pseudo_siamese, siamese, structure, test_time  # noqa: F401  (register models)
 from changedet.models.base import ChangeModel
 from changedet.models.config import ModelConfig, build_from_config, load_model_config
 from changedet.models.output import ChangeOutput

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -31,6 +32,11 @@ class ChangeModel(nn.Module):
         encoder's output stride (``pad_multiple``), 1 for per-pixel models."""
         encoder = getattr(self, "encoder", None)
         return int(getattr(self, "pad_multiple", 0) or getattr(encoder, "output_stride", 1))
+
+    def fit_view(self, x1: np.ndarray, x2: np.ndarray, valid: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """The raw tile values ``(C, h, w)`` of each date whose pixels the scene fit samples: the
+        tile itself, unless the model filters its inputs spatially (then filtered the same way)."""
+        return x1, x2
 
     def fit_scene(self, t1: torch.Tensor, t2: torch.Tensor, valid: torch.Tensor) -> None:
         """Adapt scene statistics from pixel samples ``(N, C)``; a no-op for trained models."""

@@ -42,6 +42,12 @@ class ModelConfig(BaseModel):
     encoder_layers: PositiveInt | None = None
     decoder_layers: PositiveInt | None = None
     heads: PositiveInt | None = None
+    anchors: PositiveInt | None = None
+    neighbours: PositiveInt | None = None
+    smoothing: PositiveInt | None = None
+    score_smoothing: PositiveInt | None = None
+    iterations: PositiveInt | None = None
+    stride: PositiveInt | None = None
     members: list[dict[str, Any]] | None = Field(default=None, description="ensemble: [{model, config}, ...]")
 
     @field_validator("name")

@@ -19,18 +19,25 @@ class ModelEntry:
     family: str
     builder: Callable[..., ChangeModel]
     description: str
+    heterogeneous: bool = False
+
+    @property
+    def takes_different_inputs(self) -> bool:
+        """True when the two dates may come from different sensors with different bands (no band-by-band comparison)."""
+        return self.heterogeneous or self.family == "pseudo-siamese"
 
 
 _REGISTRY: dict[str, ModelEntry] = {}
 
 
-def register_model(name: str, family: str, description: str = "") -> Callable:
-    """Decorator registering ``builder(**cfg) -> ChangeModel`` under ``name``."""
+def register_model(name: str, family: str, description: str = "", heterogeneous: bool = False) -> Callable:
+    """Decorator registering ``builder(**cfg) -> ChangeModel`` under ``name`` (``heterogeneous``: the
+    dates may have different bands; pseudo-Siamese models always may)."""
 
     def wrap(builder: Callable[..., ChangeModel]) -> Callable[..., ChangeModel]:
         if name in _REGISTRY:
             raise ValueError(f"model {name!r} registered twice")
-        _REGISTRY[name] = ModelEntry(name, family, builder, description or (builder.__doc__ or "").strip())
+        _REGISTRY[name] = ModelEntry(name, family, builder, description or (builder.__doc__ or "").strip(), heterogeneous)
         return builder
 
     return wrap

@@ -16,6 +16,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -62,6 +63,10 @@ class DihedralTTA(ChangeModel):
     def min_input_size(self) -> int:
         """The wrapped model's."""
         return self.model.min_input_size
+
+    def fit_view(self, x1: np.ndarray, x2: np.ndarray, valid: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """The wrapped model's."""
+        return self.model.fit_view(x1, x2, valid)
 
     def fit_scene(self, t1: torch.Tensor, t2: torch.Tensor, valid: torch.Tensor) -> None:
         """The wrapped model's scene fit (pixel samples are orientation-free)."""

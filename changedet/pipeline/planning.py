@@ -16,6 +16,7 @@ import time
 import warnings
 from dataclasses import dataclass, field, fields
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 
@@ -117,18 +118,23 @@ def input_fingerprint(t1: str | Path, t2: str | Path, params: DetectParams) -> s
     return content_fingerprint(*open_inputs(t1, t2, params), params)
 
 
+#: ``view(x1, x2, valid) -> (x1, x2)``: the values of a raw tile that the scene fit samples
+FitView = Callable[[np.ndarray, np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]]
+
+
 def _spread(tiles: list[Tile], count: int) -> np.ndarray:
     """Indices of up to ``count`` tiles spread evenly over the plan (first and last included)."""
     return np.unique(np.linspace(0, len(tiles) - 1, min(count, len(tiles))).astype(int))
 
 
 def _sample_pixels(
-    pair: AlignedPair, tiles: list[Tile], params: DetectParams, model: str, max_pixels: int = 200_000
+    pair: AlignedPair, tiles: list[Tile], params: DetectParams, model: str, view: FitView | None = None, max_pixels: int = 200_000
 ) -> tuple[np.ndarray, np.ndarray]:
     """Valid pixel samples ``(N, C)`` of both dates from up to ``sample_tiles`` evenly spread tiles
     (a random subset of each tile is kept, so memory stays at one tile). When those hold fewer than
     :data:`MIN_SCENE_PIXELS` distinct valid pixels, every other tile is scanned; a scene that still
-    has fewer is refused: statistics (and CVA's Otsu threshold) of a handful of pixels mean nothing."""
+    has fewer is refused: statistics (and CVA's Otsu threshold) of a handful of pixels mean nothing.
+    ``view`` (the model's :meth:`~changedet.models.ChangeModel.fit_view`) turns each raw tile into the values sampled."""
     picks = _spread(tiles, params.sample_tiles)
     per_tile = max(1, max_pixels // len(picks))
     rng = np.random.default_rng(params.seed)
@@ -136,6 +142,8 @@ def _sample_pixels(
     s1, s2, where = [], [], []
 
     def keep(tile: Tile, x1: np.ndarray, x2: np.ndarray, valid: np.ndarray) -> None:
+        if view is not None:
+            x1, x2 = view(x1, x2, valid)
         idx = np.flatnonzero(valid)
         idx = np.sort(rng.choice(idx, per_tile, replace=False)) if len(idx) > per_tile else idx
         rows, cols = np.divmod(idx, tile.width)
@@ -250,7 +258,7 @@ def _plan(t1: str | Path, t2: str | Path, params: DetectParams, fingerprint: str
         with PairReader(pair) as reader:
             predictor.set_normalization(Normalization.of_pair(reader.read, pair.grid.height, pair.grid.width))
     if predictor.needs_samples or params.harmonize == "histogram":
-        x1, x2 = _sample_pixels(pair, tiles, params, label)
+        x1, x2 = _sample_pixels(pair, tiles, params, label, predictor.model.fit_view)
         if params.harmonize == "histogram":
             x2 = predictor.harmonize(x1, x2)
         if predictor.needs_samples:

@@ -86,7 +86,7 @@ class ModelSpec:
     def heterogeneous(self) -> bool:
         """True when the two dates may have different bands (pseudo-Siamese, or per-date checkpoint bands)."""
         bands = self.bands
-        return model_entry(self.name).family == "pseudo-siamese" or (bands is not None and bands[0] != bands[1])
+        return model_entry(self.name).takes_different_inputs or (bands is not None and bands[0] != bands[1])
 
     @property
     def trained(self) -> bool:
@@ -239,10 +239,11 @@ class TilePredictor:
         """Adopt a scene state produced by :meth:`scene_fit` (possibly in another process)."""
         self.normalization = fit.normalization
         self.harmonization = fit.harmonization
-        own = dict(self.model.named_buffers())
-        with torch.no_grad():
-            for name, value in fit.buffers.items():
-                own[name].copy_(torch.from_numpy(np.asarray(value)))
+        if fit.buffers:
+            missing = set(fit.buffers) - dict(self.model.named_buffers()).keys()
+            if missing:
+                raise ModelError(f"scene fit holds buffers the model lacks: {sorted(missing)[:3]}")
+            self.model.load_state_dict({k: torch.from_numpy(np.asarray(v)) for k, v in fit.buffers.items()}, strict=False)
 
     def runner(self, tiling: Tiling | None = None, batch_size: int = DEFAULT_BATCH_SIZE) -> SceneRunner:
         """The scene-inference runner of this model and its normalisation (kept while they stay the same)."""

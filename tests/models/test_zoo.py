@@ -10,12 +10,12 @@ import torch
 import torch.nn.functional as F
 
 from changedet.errors import ModelError
-from changedet.models import ChangeModel, ChangeOutput, create_model, list_models
+from changedet.models import ChangeModel, ChangeOutput, create_model, list_models, model_entry
 from changedet.models.encoders import FeatureEncoder
 from changedet.models.fc_siam import FCEncoder
 
 MODELS = list_models()
-NEURAL = [n for n in MODELS if n != "cva"]
+NEURAL = [n for n in MODELS if model_entry(n).family != "classical"]
 TILE = 64
 
 
