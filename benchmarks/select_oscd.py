@@ -27,6 +27,7 @@ histograms), so a later session re-reports or continues without retraining; mode
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shutil
 import sys
