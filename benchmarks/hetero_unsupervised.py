@@ -34,8 +34,6 @@ ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data"
 RESULT = ROOT / "benchmarks" / "results" / "hetero_unsupervised.json"
 VARIANTS = {  # name -> builder arguments (the registered defaults are "f5s5")
-    "f3s3": {"smoothing": 3, "score_smoothing": 3},
-    "f5s1": {"smoothing": 5, "score_smoothing": 1},
     "f5s5": {"smoothing": 5, "score_smoothing": 5},
     "f5s9": {"smoothing": 5, "score_smoothing": 9},
     "f9s9": {"smoothing": 9, "score_smoothing": 9},

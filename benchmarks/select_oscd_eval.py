@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from select_oscd import BUDGETS, CONFIG, RECIPES, RESULTS, WORK, folds, labelled_cities, run_dir, snapshot
+from select_oscd import BUDGETS, FOLDS, RECIPES, RESULTS, WORK, Source, fold_of, labelled_scenes, run_dir, snapshot
 
 from changedet.metrics import Confusion, ProbabilityHistogram
 from changedet.pipeline.postprocess import drop_small_regions, scene_threshold
@@ -30,19 +30,24 @@ def _maps_dir(recipe: str, seed: int, fold: int) -> Path:
     return run_dir(recipe, seed, fold) / "maps"
 
 
-def predict_city(checkpoint: Path, city: str, tta: bool, harmonize: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Probability map, valid mask and 0/1 label of held-out ``city`` predicted whole by ``checkpoint``."""
-    from changedet.evaluation.loading import cached_scene
+def _map(recipe: str, seed: int, fold: int, option: str, city: str) -> Path:
+    return _maps_dir(recipe, seed, fold) / f"e{BUDGETS[-1]}_{option}_{city}.npz"
+
+
+def predict_scene(checkpoint: Path, source: Source, name: str, tta: bool, harmonize: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Probability map, valid mask and 0/1 label of held-out scene ``name`` predicted whole by ``checkpoint``."""
+    from changedet.data import discover_scenes
+    from changedet.data.scenes import ChangeScene
     from changedet.metrics import IGNORE
     from changedet.normalization import Normalization
     from changedet.pipeline.predictor import TilePredictor, resolve_model
     from changedet.pipeline.tiling import Tiling
-    from changedet.train import load_train_config
 
     spec = resolve_model(str(checkpoint))
-    b1, b2 = spec.bands
-    scene = cached_scene(str(load_train_config(CONFIG).data.root), city, (tuple(b1), tuple(b2)), "oscd")
-    predictor = TilePredictor(spec, (len(b1), len(b2)), "cpu", "torch", tta)
+    record = next(r for r in discover_scenes(source.root, source.layout, labelled_only=True) if r.name == name)
+    b1, b2 = spec.bands or (source.bands, source.bands)
+    scene = ChangeScene.open(record, b1, b2).cache()
+    predictor = TilePredictor(spec, scene.channels, "cpu", "torch", tta)
     if spec.per_scene_normalization:
         predictor.set_normalization(Normalization.of_pair(scene.read, *scene.shape))
     if harmonize:
@@ -57,6 +62,7 @@ def predict_city(checkpoint: Path, city: str, tta: bool, harmonize: bool) -> tup
 
     predictor.runner(Tiling(), 8).run(scene.read, scene.shape, sink)
     label = scene.label
+    scene.close()
     return prob, valid_map & (label != IGNORE), label == 1
 
 
@@ -78,39 +84,44 @@ def _decode(value: dict[str, list[int]]) -> ProbabilityHistogram:
 def predict() -> None:
     """Histograms (and last-budget maps) of every finished snapshot not yet predicted."""
     RESULTS.mkdir(parents=True, exist_ok=True)
-    cities = labelled_cities()
     for recipe in RECIPES:
+        if not (WORK / recipe).is_dir():
+            continue
+        scenes, folds_ = labelled_scenes(recipe), fold_of(recipe)
         for seed_dir in sorted((WORK / recipe).glob("s*")):
             seed = int(seed_dir.name[1:])
-            for k, held in enumerate(folds(cities)):
+            for k in range(FOLDS):
+                held = [n for n in scenes if folds_[n] == k]
                 path = RESULTS / f"{recipe}_s{seed}_fold{k}.json"
                 done = json.loads(path.read_text()) if path.is_file() else {"recipe": recipe, "seed": seed, "fold": k, "held_out": held, "hist": {}}
                 start = time.perf_counter()
-                for epochs in BUDGETS:
+                budgets = sorted({int(p.stem[1:]) for p in run_dir(recipe, seed, k).glob("e*.safetensors")} | set(BUDGETS))
+                for epochs in budgets:
                     ckpt = snapshot(run_dir(recipe, seed, k), epochs)
                     options = OPTIONS if epochs == BUDGETS[-1] else {"plain": OPTIONS["plain"]}
                     for option, (tta, harmonize) in options.items():
                         key = f"e{epochs}/{option}"
-                        if not ckpt.is_file() or key in done["hist"]:
+                        maps_missing = epochs == BUDGETS[-1] and not all(_map(recipe, seed, k, option, c).is_file() for c in held)
+                        if not ckpt.is_file() or (key in done["hist"] and not maps_missing):
                             continue
                         done["hist"][key] = {}
                         for city in held:
-                            prob, valid, label = predict_city(ckpt, city, tta, harmonize)
+                            prob, valid, label = predict_scene(ckpt, scenes[city][0], city, tta, harmonize)
                             done["hist"][key][city] = _encode(histogram(prob, valid, label))
                             if epochs == BUDGETS[-1]:
                                 _maps_dir(recipe, seed, k).mkdir(exist_ok=True)
-                                np.savez_compressed(_maps_dir(recipe, seed, k) / f"{option}_{city}.npz",
+                                np.savez_compressed(_map(recipe, seed, k, option, city),
                                                     prob=prob.astype(np.float16), valid=valid, label=label)
                         path.write_text(json.dumps(done))
                 print(f"{recipe} seed {seed} fold {k}: {time.perf_counter() - start:.0f} s", flush=True)
 
 
-def pooled_f1(hists: dict[str, ProbabilityHistogram], rule: str, fold_of: dict[str, int]) -> tuple[float, dict[str, float]]:
+def pooled_f1(hists: dict[str, ProbabilityHistogram], rule: str, folds_: dict[str, int]) -> tuple[float, dict[str, float]]:
     """Pooled F1 (and per city) of held-out histograms under a threshold rule (see select_oscd's docstring)."""
     total, per_city = Confusion(), {}
     for city, hist in hists.items():
         if rule == "crossfit":
-            others = [h for c, h in hists.items() if fold_of[c] != fold_of[city]]
+            others = [h for c, h in hists.items() if folds_[c] != folds_[city]]
             threshold = sum(others[1:], others[0]).best_threshold()
         else:
             threshold = scene_threshold("otsu" if rule == "otsu" else "fixed", 0.5, hist)
@@ -127,21 +138,21 @@ def _all_cities_threshold(hists: dict[str, ProbabilityHistogram]) -> float:
 
 
 def _load() -> dict[tuple[str, int], dict[str, dict[str, ProbabilityHistogram]]]:
-    """(recipe, seed) -> key -> city -> histogram, for (recipe, seed) with every fold predicted."""
+    """(recipe, seed) -> key -> scene -> histogram, for keys with every scene of the recipe predicted."""
     runs: dict[tuple[str, int], dict[str, dict[str, ProbabilityHistogram]]] = {}
     for path in sorted(RESULTS.glob("*_fold*.json")):
         data = json.loads(path.read_text())
         run = runs.setdefault((data["recipe"], data["seed"]), {})
         for key, cities in data["hist"].items():
             run.setdefault(key, {}).update({c: _decode(h) for c, h in cities.items()})
-    n = len(labelled_cities())
-    return {rs: {k: v for k, v in keys.items() if len(v) == n} for rs, keys in runs.items()}
+    n = {recipe: len(labelled_scenes(recipe)) for recipe in {r for r, _ in runs}}
+    return {rs: {k: v for k, v in keys.items() if len(v) == n[rs[0]]} for rs, keys in runs.items()}
 
 
-def _ensemble_and_regions(recipe: str, seeds: list[int], fold_of: dict[str, int]) -> dict[str, Any]:
+def _ensemble_and_regions(recipe: str, seeds: list[int], folds_: dict[str, int]) -> dict[str, Any]:
     """Seed-ensemble histograms (mean probability of the seeds' maps) and region removal, from the maps."""
-    cities, out = sorted(fold_of), {}
-    maps = {s: {c: np.load(_maps_dir(recipe, s, fold_of[c]) / f"plain_{c}.npz") for c in cities} for s in seeds}
+    cities, out = sorted(folds_), {}
+    maps = {s: {c: np.load(_map(recipe, s, folds_[c], "plain", c)) for c in cities} for s in seeds}
     ens = {c: np.mean([maps[s][c]["prob"].astype(np.float32) for s in seeds], axis=0) for c in cities}
     first = maps[seeds[0]]
     out["ensemble"] = {c: histogram(ens[c], first[c]["valid"], first[c]["label"]) for c in cities}
@@ -167,32 +178,35 @@ def _fmt(values: list[float]) -> str:
 
 def report() -> dict[str, Any]:
     """Print the CV tables; write ``benchmarks/results/select_oscd.json``."""
-    cities = labelled_cities()
-    fold_of = {c: k for k, held in enumerate(folds(cities)) for c in held}
     runs = _load()
-    table: dict[str, Any] = {"cities": cities, "folds": folds(cities), "rows": {}}
+    table: dict[str, Any] = {"folds": {}, "rows": {}}
     print(f"{'recipe':<14} {'budget/option':<16} {'seeds':>5} " + " ".join(f"{r:>15}" for r in RULES))
     for recipe in RECIPES:
         seeds = sorted(s for r, s in runs if r == recipe)
+        if not seeds:
+            continue
+        folds_ = fold_of(recipe)
+        cities = sorted(folds_)
+        table["folds"][recipe] = folds_
         keys = sorted({k for s in seeds for k in runs[(recipe, s)]})
         for key in keys:
             have = [s for s in seeds if key in runs[(recipe, s)]]
-            row = {rule: [pooled_f1(runs[(recipe, s)][key], rule, fold_of)[0] for s in have] for rule in RULES}
-            cities_f1 = {rule: {c: float(np.mean([pooled_f1(runs[(recipe, s)][key], rule, fold_of)[1][c] for s in have]))
+            row = {rule: [pooled_f1(runs[(recipe, s)][key], rule, folds_)[0] for s in have] for rule in RULES}
+            cities_f1 = {rule: {c: float(np.mean([pooled_f1(runs[(recipe, s)][key], rule, folds_)[1][c] for s in have]))
                                 for c in cities} for rule in RULES}
             table["rows"][f"{recipe}/{key}"] = {"seeds": have, "pooled_f1": row, "per_city_mean": cities_f1,
                                                 "threshold_all": [_all_cities_threshold(runs[(recipe, s)][key]) for s in have]}
             print(f"{recipe:<14} {key:<16} {len(have):>5} " + " ".join(f"{_fmt(row[r]):>15}" for r in RULES))
         last = f"e{BUDGETS[-1]}/plain"
         full = [s for s in seeds if last in runs[(recipe, s)]
-                and all((_maps_dir(recipe, s, k) / f"plain_{c}.npz").is_file() for c, k in fold_of.items())]
+                and all(_map(recipe, s, k, "plain", c).is_file() for c, k in folds_.items())]
         if len(full) >= 2:
-            extra = _ensemble_and_regions(recipe, full, fold_of)
+            extra = _ensemble_and_regions(recipe, full, folds_)
             ens_hists = extra.pop("ensemble")
-            ens = {rule: [pooled_f1(ens_hists, rule, fold_of)[0]] for rule in RULES}
+            ens = {rule: [pooled_f1(ens_hists, rule, folds_)[0]] for rule in RULES}
             table["rows"][f"{recipe}/e{BUDGETS[-1]}/ensemble{len(full)}"] = {
                 "seeds": full, "pooled_f1": ens, "threshold_all": [_all_cities_threshold(ens_hists)],
-                "per_city_mean": {rule: pooled_f1(ens_hists, rule, fold_of)[1] for rule in RULES}}
+                "per_city_mean": {rule: pooled_f1(ens_hists, rule, folds_)[1] for rule in RULES}}
             print(f"{recipe:<14} {'ensemble of ' + str(len(full)):<16} {1:>5} " + " ".join(f"{ens[r][0]:>15.3f}" for r in RULES))
             for name, values in extra.items():
                 table["rows"][f"{recipe}/e{BUDGETS[-1]}/{name}"] = {"seeds": full, "pooled_f1": values}

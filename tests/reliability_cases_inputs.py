@@ -186,7 +186,22 @@ def _(c: Ctx) -> Case:
     for band in (c.city / "imgs_2").glob("*.tif"):
         with rasterio.open(band) as src:
             write_raster(reflectance / band.name, src.read().astype(np.float32) / 10000, crs=src.crs, transform=src.transform)
-    return Case([*c.args(c.city / "imgs_1", reflectance), "--model", "oscd-s2"], "t2 is on another radiometric scale")
+    return Case([*c.args(c.city / "imgs_1", reflectance), "--model", _training_statistics_checkpoint(c)],
+                "t2 is on another radiometric scale")
+
+
+def _training_statistics_checkpoint(c: Ctx) -> str:
+    """A Sentinel-2 checkpoint that stores its training data's statistics (digital numbers, reflectance x 10000)."""
+    from changedet.checkpoint import save_checkpoint
+    from changedet.models import create_model
+
+    bands = ["B01", "B02", "B03", "B04", "B05", "B06", "B07", "B08", "B8A", "B09", "B10", "B11", "B12"]
+    stats = {"mean": [1500.0] * 13, "std": [800.0] * 13}
+    path = c.tmp / "s2_statistics.safetensors"
+    save_checkpoint(path, create_model("fc-siam-diff", in_channels=13, base_channels=8),
+                    {"model": "fc-siam-diff", "config": {"base_channels": 8}, "bands": bands,
+                     "normalization": {"t1": stats, "t2": stats}})
+    return str(path)
 
 
 @case("complex-valued bands")
