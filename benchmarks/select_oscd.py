@@ -221,9 +221,11 @@ def bundle(recipe: str, epochs: int, seeds: list[int], row: str, rule: str, test
         threshold=threshold,
         test_time={**test_time, "threshold_rule": "otsu" if rule == "otsu" else "fixed"},
         expected_f1_unseen={
-            "pooled_f1_mean": float(np.mean(values)), "pooled_f1_std": float(np.std(values)), "seeds": cv["seeds"],
+            "pooled_f1_mean": float(np.mean(values)), "pooled_f1_std": float(np.std(values)) if len(values) > 1 else None,
+            "seeds": cv["seeds"],
             "protocol": f"leave-groups-out CV, {FOLDS} folds of whole groups ({describe(recipe)}), benchmarks/select_oscd.py",
-            "row": row, "threshold_rule": rule, "per_city_mean": (cv.get("per_city_mean") or {}).get(rule)},
+            "row": row, "threshold_rule": rule, "per_city_mean": (cv.get("per_city_mean") or {}).get(rule),
+            **_member_figures(table, row, rule)},
         training={**meta["training"], "members": len(paths), "seeds": seeds, "validation": {"tile": 256, "overlap": 32},
                   "minutes": round(sum(_minutes(p.parent) for p in paths), 1)},
         source_config=f"benchmarks/select_oscd.py recipe {recipe} ({RECIPES[recipe][0].relative_to(ROOT)} + overrides), {epochs} epochs",
@@ -243,9 +245,18 @@ def bundle(recipe: str, epochs: int, seeds: list[int], row: str, rule: str, test
     meta["sample_scene"] = {"scene": "bercy", "note": "bercy is one of the training cities: a fit figure, not a validation one",
                             **{k: m[k] for k in ("f1", "precision", "recall", "tp", "fp", "fn", "tn")}}
     save_checkpoint(target, _State(), meta)
-    print(f"bundled {name}: {target} ({target.stat().st_size / 2**20:.2f} MiB), expected F1 on unseen cities "
-          f"{np.mean(values):.3f} ± {np.std(values):.3f}; sample-city F1 {m['f1']:.4f} (training city)")
+    print(f"bundled {name}: {target} ({target.stat().st_size / 2**20:.2f} MiB), expected F1 on unseen scenes "
+          f"{np.mean(values):.3f} (CV, {len(values)} value(s)); sample-city F1 {m['f1']:.4f} (a training city)")
     return target
+
+
+def _member_figures(table: dict[str, Any], row: str, rule: str) -> dict[str, Any]:
+    """For an ensemble row, the same CV figure of its members alone (mean ± std over seeds)."""
+    single = table["rows"].get(row.rsplit("/", 1)[0] + "/plain") if "/ensemble" in row else None
+    if single is None:
+        return {}
+    values = single["pooled_f1"][rule]
+    return {"single_member_pooled_f1_mean": float(np.mean(values)), "single_member_pooled_f1_std": float(np.std(values))}
 
 
 def _minutes(out: Path) -> float:

@@ -19,8 +19,11 @@ def test_bundled_checkpoint_is_small_and_self_describing():
     assert CHECKPOINT is not None and CHECKPOINT.stat().st_size < 8 * 2**20
     meta = read_metadata(CHECKPOINT)
     assert meta["bands"]["t1"] == ["B01", "B02", "B03", "B04", "B05", "B06", "B07", "B08", "B8A", "B09", "B10", "B11", "B12"]
-    assert "bercy" in meta["split"]["val"] and "bercy" not in meta["split"]["train"]
-    assert len(meta["normalization"]["t1"]["mean"]) == 13
+    assert meta["normalization"] == "per-scene"
+    assert len(meta["split"]["train"]) == 10 and not meta["split"]["val"]  # every labelled OSCD city
+    expected = meta["expected_f1_unseen"]  # the cross-validation figure, not a training-city score
+    assert 0 < expected["pooled_f1_mean"] < 1 and "leave-groups-out" in expected["protocol"]
+    assert meta["test_time"]["threshold_rule"] == "otsu"
 
 
 def test_auto_picks_the_bundled_model_only_for_its_bands():
@@ -40,16 +43,14 @@ def test_bundled_rgb_checkpoint_is_small_and_self_describing():
 
 
 @pytest.mark.parametrize("name, bands", [("oscd-s2", None), ("rgb", ("B04", "B03", "B02"))])
-def test_reproduces_recorded_validation_f1_on_the_sample_city(sample_city, tmp_path, name, bands):
+def test_reproduces_recorded_sample_scene_f1(sample_city, tmp_path, name, bands):
     meta = read_metadata(bundled_checkpoint(name))
-    recorded = meta["metrics"]["per_scene"]["bercy"]
-    validation = meta["training"]["validation"]  # the tiling of the trainer's full-scene validation
-    params = DetectParams(model=name, bands=bands, tile=validation["tile"], overlap=validation["overlap"])
-    result = detect_changes(sample_city / "imgs_1", sample_city / "imgs_2", tmp_path / "out", params)
-    assert result.summary["threshold"] == pytest.approx(meta["threshold"])
+    recorded = meta["sample_scene"]  # recorded by benchmarks/select_oscd.py bundle with the model's own defaults
+    result = detect_changes(sample_city / "imgs_1", sample_city / "imgs_2", tmp_path / "out", DetectParams(model=name, bands=bands))
     metrics = evaluate_mask(result.path(MASK), sample_city / "cm" / "bercy-cm.tif")
     assert metrics["f1"] == pytest.approx(recorded["f1"], abs=1e-6)
-    assert metrics["tp"] == recorded["tp"] and metrics["fp"] == recorded["fp"]
+    assert (metrics["tp"], metrics["fp"], metrics["fn"]) == (recorded["tp"], recorded["fp"], recorded["fn"])
+    assert result.summary["parameters"]["threshold_rule"] == meta.get("test_time", {}).get("threshold_rule", "fixed")
 
 
 def test_scene_without_a_model_band_is_refused_with_the_reason(sample_city, tmp_path, capsys):

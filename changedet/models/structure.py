@@ -69,7 +69,7 @@ class StructureConsistency(ChangeModel):
     weights_shared = False
 
     def __init__(self, in_channels: tuple[int, int] = (3, 3), anchors: int = 1500, neighbours: int = 20,
-                 smoothing: int = 5, score_smoothing: int = 5, iterations: int = 2, stride: int = 2) -> None:
+                 smoothing: int = 5, score_smoothing: int = 9, iterations: int = 2, stride: int = 2) -> None:
         super().__init__()
         self.in_channels = tuple(in_channels)
         self.anchors, self.neighbours, self.iterations = int(anchors), int(neighbours), int(iterations)
@@ -158,7 +158,7 @@ def _combine(terms: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
 
 @register_model("hetero-unsupervised", family="classical", heterogeneous=True)
 def hetero_unsupervised(in_channels: int | tuple[int, int] = 3, anchors: int = 1500, neighbours: int = 20, smoothing: int = 5,
-                        score_smoothing: int = 5, iterations: int = 2, stride: int = 2) -> StructureConsistency:
+                        score_smoothing: int = 9, iterations: int = 2, stride: int = 2) -> StructureConsistency:
     """Structure consistency of self-similarity graphs (no training; any two sensors, 1 or more bands each)."""
     channels = (in_channels, in_channels) if isinstance(in_channels, int) else tuple(in_channels)
     return StructureConsistency(channels, anchors, neighbours, smoothing, score_smoothing, iterations, stride)
