@@ -66,7 +66,7 @@ def test_eps_zero_equals_clean_metrics_exactly(bercy):
 @pytest.mark.parametrize("mode", ["both", "hide"])
 def test_pgd_at_least_as_strong_as_fgsm_on_the_trained_model(bundled, bercy, mode):
     x1, x2, valid, label = _crops(bercy, size=48)
-    stats = Normalization.of(bundled.normalization)
+    stats = Normalization.of(bundled.normalization).for_scene(bercy.read, *bercy.shape, bercy.name)
     model, sensor = bundled.model, scene_sensor(bercy)
 
     def objective(attack: Attack) -> float:

@@ -69,8 +69,8 @@ def test_polygons_readable_with_area_and_probability(sample_run):
 def test_run_json_records_inputs_grid_model_and_timings(sample_run, sample_city):
     meta = json.loads((sample_run / "run.json").read_text())
     # --model auto picks the bundled Sentinel-2 model for the 13-band OSCD city
-    assert meta["model"]["name"] == "fc-siam-diff" and meta["model"]["checkpoint"].endswith("oscd-s2-fc-siam-diff.safetensors")
-    assert meta["parameters"]["tile"] == 128 and meta["threshold"] == pytest.approx(meta["model"]["threshold"])
+    assert meta["model"]["name"] == "ensemble" and meta["model"]["checkpoint"].endswith("oscd-s2-fc-siam-diff.safetensors")
+    assert meta["parameters"]["tile"] == 128 and meta["parameters"]["threshold_rule"] == meta["model"]["test_time"]["threshold_rule"]
     assert meta["grid"]["epsg"] == 4326 and meta["t1"]["bands"][0] == "B01"
     assert meta["timings"]["model_s"] > 0 and meta["versions"]["torch"]
     assert sorted(p.name for p in sample_run.iterdir()) == sorted(OUTPUT_NAMES)

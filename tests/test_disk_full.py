@@ -144,7 +144,8 @@ def test_full_disk_sweep_fails_cleanly(tmpfs, pairs, earlier_outputs):
             succeeded.append(fraction)
         shutil.rmtree(out)
         (tmpfs / "filler").unlink()
-    assert succeeded == [FREE_SPACE_FRACTIONS[-1]], (stages, succeeded)
+    # with enough space the run succeeds, and so it does with more; every run short of space failed cleanly
+    assert succeeded and succeeded == list(FREE_SPACE_FRACTIONS[len(FREE_SPACE_FRACTIONS) - len(succeeded):]), (stages, succeeded)
     seen = set(stages)  # the whole write chain
     assert "tile store" in seen and seen & {"scratch raster", "COG"} and seen & {"GeoPackage", "run.json"}, stages
 

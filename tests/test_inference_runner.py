@@ -4,6 +4,7 @@ is applied the same way everywhere."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -22,7 +23,8 @@ from changedet.normalization import Normalization, date_statistics
 from changedet.pipeline.align import PairReader
 from changedet.pipeline.detect import DetectParams, plan_run
 from changedet.pipeline.inference import SceneRunner, TileBatch
-from changedet.pipeline.output_table import MASK, PROBABILITY
+from changedet.pipeline.output_table import MASK, PROBABILITY, RUN_JSON
+from changedet.pipeline.postprocess import scene_threshold
 from changedet.pipeline.tiling import Tiling
 from changedet.pipeline.validation import evaluate_scenes
 from changedet.train import Trainer, TrainSettings
@@ -41,9 +43,12 @@ def detected(tmp_path_factory, sample_city) -> Path:
 
 def test_validation_f1_equals_detect_then_evaluate(bundled, bercy, detected, sample_city):
     """The F1 training validation reports for a scene and checkpoint is what a user gets from
-    ``changedet detect`` + ``changedet evaluate`` on it (the checkpoint's threshold)."""
+    ``changedet detect`` + ``changedet evaluate`` on it (at the threshold of the checkpoint's rule)."""
     result = evaluate_scenes(bundled.model, [bercy], bundled.normalization, **TILING)
-    validated = result.metrics(bundled.threshold)["per_scene"]["bercy"]
+    rule = bundled.spec.metadata.get("test_time", {}).get("threshold_rule", "fixed")
+    threshold = scene_threshold(rule, bundled.threshold, result.scenes["bercy"])  # bercy is labelled everywhere
+    assert threshold == pytest.approx(json.loads((detected / RUN_JSON).read_text())["threshold"])
+    validated = result.metrics(threshold)["per_scene"]["bercy"]
     scored = evaluate_mask(detected / MASK, sample_city / "cm" / "bercy-cm.tif")
     assert validated["f1"] == pytest.approx(scored["f1"], abs=1e-6)
     for key in ("tp", "fp", "fn", "tn"):
@@ -75,8 +80,10 @@ def test_trainer_validation_f1_of_its_checkpoint_equals_detect_then_evaluate(ber
 def test_runner_on_the_aligned_pair_is_the_detect_probability(bundled, detected, sample_city):
     params = DetectParams(model="oscd-s2", **TILING)
     plan = plan_run(sample_city / "imgs_1", sample_city / "imgs_2", params)
-    runner = SceneRunner(bundled.model, Normalization.of(bundled.normalization), Tiling(**TILING))
     height, width = plan.pair.grid.shape
+    with PairReader(plan.pair) as reader:
+        norm = Normalization.of(bundled.normalization).for_scene(reader.read, height, width)
+    runner = SceneRunner(bundled.model, norm, Tiling(**TILING))
     prob = np.full((height, width), np.nan, np.float32)
 
     def sink(row, p, _d, valid):

@@ -93,7 +93,8 @@ COMMANDS = {
     "domain-shift, unknown shift": (["domain-shift", "--data", "{city}/..", "--out", "{tmp}/d", "--shifts", "nope"], 2, "nope"),
     "domain-shift, empty --out": (["domain-shift", "--data", "{city}/..", "--out", ""], 2, "--out is empty"),
     "domain-shift, severity out of range": (["domain-shift", "--data", "{city}/..", "--out", "{tmp}/d", "--severities", "9"], 2, "[0, 5]"),
-    "domain-shift, a scene that is not there": (["domain-shift", "--data", "{city}/..", "--out", "{tmp}/d"], 2, "no labelled scene"),
+    "domain-shift, a scene that is not there": (["domain-shift", "--data", "{city}/..", "--out", "{tmp}/d", "--scenes", "bercy,hongkong"], 2,
+                                                "no labelled scene"),
     "robustness, negative budget": (["robustness", "--data", "{city}/..", "--out", "{tmp}/r", "--scenes", "oscd_bercy", "--eps=-4,0"], 2, ">= 0"),
     "unknown command": (["frobnicate"], 2, "invalid choice"),
 }

@@ -105,9 +105,10 @@ def test_drop_small_regions() -> None:
     mask = np.zeros((20, 20), bool)
     mask[1:3, 1:3] = True  # 4 px
     mask[10:16, 10:16] = True  # 36 px
-    mask[5, 5] = mask[6, 6] = True  # diagonal neighbours: one 8-connected region of 2 px
+    mask[5, 5] = mask[5, 6] = True  # a region of 2 px
+    mask[8, 8] = mask[9, 9] = True  # diagonal neighbours: two 4-connected regions, as the polygons
     kept, dropped = drop_small_regions(mask, 5)
-    assert dropped == 2 and kept.sum() == 36 and kept[10:16, 10:16].all()
+    assert dropped == 4 and kept.sum() == 36 and kept[10:16, 10:16].all()
     assert drop_small_regions(mask, 0)[0] is mask
 
 
@@ -184,7 +185,8 @@ def test_checkpoint_recommendation_applies_and_is_overridable(tmp_path, sample_c
     path = bundled_checkpoint("oscd-s2")
     from safetensors.torch import load_file
 
-    meta = {**read_metadata(path), "test_time": {"min_region": 12}}
+    meta = read_metadata(path)
+    meta["test_time"] = {**meta.get("test_time", {}), "min_region": 12}
     ckpt = tmp_path / "rec.safetensors"
     save_checkpoint(ckpt, _Flat(load_file(path)), meta)
     assert _detect(sample_city, tmp_path / "rec", "--model", str(ckpt))["parameters"]["min_region"] == 12

@@ -37,10 +37,11 @@ class Job(BaseModel):
 
 def scene_names(cfg: EvaluationConfig) -> list[str]:
     """``cfg.scenes``, or the first checkpoint's validation scenes (never its training scenes)."""
+    labelled = {record.name for record in discover_scenes(cfg.data, cfg.layout, labelled_only=True)}
     names = cfg.scenes or cached_model(cfg.checkpoints[0], cfg.device).validation_scenes
     if not names:
-        raise ChangeDetError(f"{cfg.checkpoints[0]} records no validation scenes: pass scenes")
-    labelled = {record.name for record in discover_scenes(cfg.data, cfg.layout, labelled_only=True)}
+        raise ChangeDetError(f"{cfg.checkpoints[0]} records no validation scenes (it was trained on every labelled "
+                             "scene): pass scenes, e.g. --scenes bercy")
     missing = [n for n in names if n not in labelled]
     if missing:  # before any job runs, not after the first scenes were computed
         raise ChangeDetError(f"no labelled scene {', '.join(missing)} in {cfg.data} (found: {', '.join(sorted(labelled)) or 'none'})")

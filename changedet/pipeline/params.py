@@ -37,14 +37,14 @@ class DetectParams(Parameters):
     threshold: float | None = Field(None, ge=0.0, le=1.0, description="probability threshold (default: the model's, else 0.5)")
     threshold_rule: Literal[THRESHOLD_RULES] | None = Field(  # type: ignore[valid-type]
         None, description="fixed: --threshold (else the model's); otsu: per scene, Otsu's threshold of the change-probability "
-        "histogram (label-free); default: the model's recommended rule, else fixed")
+        "histogram (label-free, never below 0.15); default: the model's recommended rule, else fixed")
     tta: Literal[TTA_MODES] | None = Field(  # type: ignore[valid-type]
         None, description="test-time augmentation: dihedral averages the 8 flips/rotations of every tile (8x the model "
         "time); default: the model's recommendation, else none")
     harmonize: Literal[HARMONIZATIONS] | None = Field(  # type: ignore[valid-type]
         None, description="radiometric harmonisation before the model: histogram maps t2's bands onto t1's distribution "
         "(quantiles fitted on the scene); default: the model's recommendation, else none")
-    min_region: int | None = Field(None, ge=0, description="drop change regions (8-connected) of fewer pixels from the mask "
+    min_region: int | None = Field(None, ge=0, description="drop change regions (4-connected, like the polygons) of fewer pixels from the mask "
                                    "and polygons; default: the model's recommendation, else 0 (keep all)")
     crs: str | None = Field(None, description="target CRS, e.g. EPSG:32631 (default: t1's)")
     resolution: float | None = Field(None, gt=0.0, description="target pixel size in CRS units (default: t1's finest)")
