@@ -45,7 +45,9 @@ def test_bundled_rgb_checkpoint_is_small_and_self_describing():
 @pytest.mark.parametrize("name, bands", [("oscd-s2", None), ("rgb", ("B04", "B03", "B02"))])
 def test_reproduces_recorded_sample_scene_f1(sample_city, tmp_path, name, bands):
     meta = read_metadata(bundled_checkpoint(name))
-    recorded = meta["sample_scene"]  # recorded by benchmarks/select_oscd.py bundle with the model's own defaults
+    # recorded by benchmarks/select_oscd.py bundle with the model's own defaults; the RGB model (not retrained yet)
+    # recorded it as one of its validation scenes, with the same tiling
+    recorded = meta.get("sample_scene") or meta["metrics"]["per_scene"]["bercy"]
     result = detect_changes(sample_city / "imgs_1", sample_city / "imgs_2", tmp_path / "out", DetectParams(model=name, bands=bands))
     metrics = evaluate_mask(result.path(MASK), sample_city / "cm" / "bercy-cm.tif")
     assert metrics["f1"] == pytest.approx(recorded["f1"], abs=1e-6)
