@@ -86,6 +86,8 @@ def classification_metrics(pred: np.ndarray, target: np.ndarray, n_classes: int 
 
 
 DEFAULT_BINS = 1000
+
+
 def otsu_from_histogram(counts: np.ndarray, edges: np.ndarray) -> float:
     """Otsu's threshold of a histogram (``counts`` per bin between ``edges``): the bin edge that
     maximises the between-class variance (ties: the lowest such edge)."""

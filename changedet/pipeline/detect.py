@@ -60,8 +60,7 @@ def _worker_state(plan: RunPlan, store_root: str | Path) -> tuple[PairReader, Sc
             torch.set_num_threads(plan.params.threads)
         predictor = plan.predictor
         if predictor is None:
-            predictor = TilePredictor(plan.spec, (plan.pair.t1.count, plan.pair.t2.count), plan.params.device, plan.params.runtime,
-                                      plan.params.tta == "dihedral")
+            predictor = TilePredictor.of_params(plan.spec, (plan.pair.t1.count, plan.pair.t2.count), plan.params)
             predictor.load_scene_fit(plan.scene_fit)
         runner = predictor.runner(plan.params.tiling, plan.params.batch_size)
         _WORKER.state = (key, PairReader(plan.pair).__enter__(), runner, open_tile_store(plan, store_root))

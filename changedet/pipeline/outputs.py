@@ -171,7 +171,7 @@ def write_outputs(
         scratch = {o.name: staging.path(f"scratch_{o.name}") for o in RASTERS}
         threshold = _scene_threshold(plan, store)
         counts = {**_mosaic_to_scratch(plan, store, scratch, threshold), **(extra_counts or {})}
-        if plan.params.min_region and plan.params.min_region > 1:
+        if (plan.params.min_region or 0) > 1:
             counts.update(_drop_small_regions(scratch[MASK], plan.params.min_region))
         timings["mosaic_s"] = time.perf_counter() - start
         start = time.perf_counter()

@@ -246,7 +246,7 @@ def _plan(t1: str | Path, t2: str | Path, params: DetectParams, fingerprint: str
             f"{params.max_pixels} px: check the inputs' declared size and --resolution, or raise --max-pixels"
         )
     label = _model_label(params, spec)
-    predictor = TilePredictor(spec, (scene1.count, scene2.count), params.device, params.runtime, params.tta == "dihedral")
+    predictor = TilePredictor.of_params(spec, (scene1.count, scene2.count), params)
     _check_model_input_size(pair, predictor, label)
     tiles = params.tiling.plan(pair.grid.height, pair.grid.width)
     _check_radiometry(pair, tiles, spec, label)

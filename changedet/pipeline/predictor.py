@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 import numpy as np
 import torch
@@ -22,6 +22,9 @@ from changedet.io.bands import COLOUR_ROLES
 from changedet.models import ChangeModel, create_model, model_entry
 from changedet.models.test_time import DihedralTTA
 from changedet.weights import bundled_checkpoint
+
+if TYPE_CHECKING:
+    from changedet.pipeline.params import DetectParams
 
 AUTO_BUNDLED = "oscd-s2"
 AUTO_RGB = "rgb"
@@ -202,6 +205,11 @@ class TilePredictor:
     def set_normalization(self, normalization: Normalization) -> None:
         """Adopt the statistics to apply (a per-scene checkpoint's: the scene's own, exact)."""
         self.normalization = normalization
+
+    @classmethod
+    def of_params(cls, spec: ModelSpec, in_channels: tuple[int, int], params: "DetectParams") -> "TilePredictor":
+        """The predictor a detect run with (resolved) ``params`` uses: device, runtime and test-time augmentation."""
+        return cls(spec, in_channels, params.device, params.runtime, params.tta == "dihedral")
 
     def harmonize(self, x1: np.ndarray, x2: np.ndarray) -> np.ndarray:
         """Fit the map of t2's values onto t1's from valid pixel samples ``(N, C)`` of each date
