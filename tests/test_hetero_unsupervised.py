@@ -16,34 +16,18 @@ from changedet.cli import main as cli_main
 from changedet.metrics import Confusion
 from changedet.models import create_model
 from changedet.pipeline.output_table import MASK, PROBABILITY, RUN_JSON
+from changedet.testing.synthetic import write_synthetic_optical_sar
 
 SIDE = 160
 TRANSFORM = from_origin(500000, 4600000, 10, 10)
 
 
-def _write(path: Path, data: np.ndarray) -> Path:
-    with rasterio.open(path, "w", driver="GTiff", count=data.shape[0], height=SIDE, width=SIDE, dtype="float32",
-                       crs="EPSG:32631", transform=TRANSFORM) as ds:
-        ds.write(data.astype(np.float32))
-    return path
-
-
 @pytest.fixture(scope="module")
 def optical_sar(tmp_path_factory) -> tuple[Path, Path, np.ndarray]:
-    """Land cover of 4 classes as blocks; t1 optical (3 bands), t2 a SAR-like 1-band image of the same
-    classes with another class-to-value map and speckle; a square of class 0 becomes class 3 in t2."""
-    rng = np.random.default_rng(0)
-    classes = np.kron(rng.integers(0, 4, (10, 10)), np.ones((16, 16), int))
-    after = classes.copy()
-    change = np.zeros((SIDE, SIDE), bool)
-    change[40:80, 90:130] = True
-    after[change] = np.where(classes[change] == 3, 1, 3)
-    colours = np.array([[0.1, 0.3, 0.1], [0.5, 0.4, 0.3], [0.2, 0.2, 0.6], [0.8, 0.8, 0.7]])
-    optical = colours[classes].transpose(2, 0, 1) + rng.normal(0, 0.03, (3, SIDE, SIDE))
-    backscatter = np.array([-12.0, -6.0, -18.0, -2.0])[after]  # not a monotone function of the optical values
-    sar = backscatter + 10 * np.log10(rng.gamma(4.0, 0.25, (SIDE, SIDE)))  # multiplicative speckle, in dB
-    root = tmp_path_factory.mktemp("optsar")
-    return _write(root / "optical.tif", optical), _write(root / "sar.tif", sar[None]), change
+    """t1 optical (3 bands), t2 a SAR-like 1-band image with speckle; one block changes class."""
+    optical, sar, label = write_synthetic_optical_sar(tmp_path_factory.mktemp("optsar"), SIDE)
+    with rasterio.open(label) as ds:
+        return optical, sar, ds.read(1) == 1
 
 
 def _detect(t1: Path, t2: Path, out: Path, *options: str) -> dict:

@@ -28,11 +28,15 @@ from __future__ import annotations
 import numpy as np
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from changedet.errors import InputError
 from changedet.models.base import ChangeModel
-from changedet.models.bitemporal import check_pair
+from changedet.models.bitemporal import check_pair, crop_to, pad_to_multiple
 from changedet.models.cva import otsu_threshold
+from changedet.models.decoders import SegmentationHead
+from changedet.models.fc_siam import FCDecoder, FCEncoder
+from changedet.models.fusion import Fusion
 from changedet.models.output import ChangeOutput
 from changedet.models.registry import register_model
 
@@ -162,3 +166,78 @@ def hetero_unsupervised(in_channels: int | tuple[int, int] = 3, anchors: int = 1
     """Structure consistency of self-similarity graphs (no training; any two sensors, 1 or more bands each)."""
     channels = (in_channels, in_channels) if isinstance(in_channels, int) else tuple(in_channels)
     return StructureConsistency(channels, anchors, neighbours, smoothing, score_smoothing, iterations, stride)
+
+
+PRIOR_CLAMP = 8.0  # structure logits beyond +-8 (probability 0.9997) carry no more information
+
+
+def _three_bands(x: torch.Tensor) -> torch.Tensor:
+    """A 1-band date repeated to 3 bands (a grey or SAR image in every channel); 3-band dates as they are."""
+    return x.expand(-1, 3, -1, -1) if x.shape[1] == 1 else x
+
+
+class StructureRefined(ChangeModel):
+    """Structure-consistency logits (:class:`StructureConsistency`, fitted on the pair at detect time)
+    refined by a small trained network, registered as ``structure-refined`` (bundled as ``hetero``).
+
+    Each date (1 or 3 bands, any sensor; 1-band dates repeated to 3) is stacked with the scaled
+    structure logit and passed through one weight-shared FC encoder; the levels are fused
+    order-invariantly (``[|a - b|, a + b]``), decoded, and the head's output is added to
+    ``gain * structure_logit + bias`` (``gain`` 1, ``bias`` 0 at initialisation: an untrained model is
+    ``hetero-unsupervised``). Swapping the dates gives the same output, so optical/SAR and SAR/optical
+    pairs are one case. ``use_images=False`` is the ablation that sees only the structure logit.
+    """
+
+    needs_scene_fit = True
+    weights_shared = True
+    swap_invariant = True
+
+    def __init__(self, in_channels: tuple[int, int] = (3, 3), base_channels: int = 8, use_images: bool = True,
+                 **structure: int) -> None:
+        super().__init__()
+        bad = [c for c in in_channels if c not in (1, 3)]
+        if bad:
+            raise ValueError(f"structure-refined takes 1- or 3-band dates (optical or SAR), got {tuple(in_channels)} bands")
+        self.in_channels = tuple(in_channels)
+        self.use_images = bool(use_images)
+        self.structure = StructureConsistency(self.in_channels, **structure)
+        self.encoder = FCEncoder(4 if self.use_images else 1, base_channels, dropout=0.0)
+        self.fusion = Fusion("symmetric")
+        self.decoder = FCDecoder([self.fusion.out_channels(c) for c in self.encoder.out_channels], base_channels, dropout=0.0)
+        self.head = SegmentationHead(self.decoder.out_channels)
+        self.gain = nn.Parameter(torch.ones(()))
+        self.bias = nn.Parameter(torch.zeros(()))
+
+    def fit_view(self, x1: np.ndarray, x2: np.ndarray, valid: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """The structure model's view (box-filtered inputs)."""
+        return self.structure.fit_view(x1, x2, valid)
+
+    def fit_scene(self, t1: torch.Tensor, t2: torch.Tensor, valid: torch.Tensor) -> None:
+        """The structure model's scene fit (anchors, scales, Otsu threshold)."""
+        self.structure.fit_scene(t1, t2, valid)
+
+    def refine(self, t1: torch.Tensor, t2: torch.Tensor, prior: torch.Tensor) -> torch.Tensor:
+        """Change logits ``(B, 1, H, W)`` from normalised dates and the structure logit ``prior (B, 1, H, W)``."""
+        size = tuple(t1.shape[-2:])
+        p = prior.float().clamp(-PRIOR_CLAMP, PRIOR_CLAMP)
+        inputs = [torch.cat([_three_bands(t), p / 4], 1) if self.use_images else p / 4 for t in (t1, t2)]
+        x1, x2 = (pad_to_multiple(x, self.encoder.output_stride) for x in inputs)
+        padded = tuple(x1.shape[-2:])
+        fused = [self.fusion(a, b) for a, b in zip(self.encoder(x1), self.encoder(x2))]
+        residual = crop_to(self.head(self.decoder(fused, padded), padded), size)
+        return self.gain * p + self.bias + residual
+
+    def forward(self, t1: torch.Tensor, t2: torch.Tensor) -> ChangeOutput:
+        check_pair(self, t1, t2)
+        prior = self.structure(t1, t2)
+        return ChangeOutput(logits=self.refine(t1, t2, prior.logits.detach()), difference=prior.difference)
+
+
+@register_model("structure-refined", family="structure", heterogeneous=True)
+def structure_refined(in_channels: int | tuple[int, int] = 3, base_channels: int = 8, use_images: bool = True,
+                      anchors: int = 1500, neighbours: int = 20, smoothing: int = 5, score_smoothing: int = 9,
+                      iterations: int = 2, stride: int = 2) -> StructureRefined:
+    """Structure consistency refined by a trained weight-shared network (bundled as ``hetero``: 1- or 3-band dates, any order)."""
+    channels = (in_channels, in_channels) if isinstance(in_channels, int) else tuple(in_channels)
+    return StructureRefined(channels, base_channels, use_images, anchors=anchors, neighbours=neighbours, smoothing=smoothing,
+                            score_smoothing=score_smoothing, iterations=iterations, stride=stride)

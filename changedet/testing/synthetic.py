@@ -201,3 +201,37 @@ def write_synthetic_hsi_lidar(
     with rasterio.open(paths.label, "w", width=width, height=height, count=1, dtype="uint8", transform=transform, **common) as dst:
         dst.write(label[None])
     return paths
+
+
+def write_synthetic_optical_sar(out_dir: str | Path, side: int = 160, seed: int = 0) -> tuple[Path, Path, Path]:
+    """Write a georeferenced optical/SAR pair (EPSG:32631, 10 m) and its change label; returns
+    ``(optical.tif, sar.tif, label.tif)``.
+
+    Land cover of 4 classes in 16 px blocks; t1 is optical (3 bands, reflectance-like, noise 0.03), t2 a
+    1-band SAR-like image in dB of the t2 classes, through a class-to-backscatter map that is not a
+    monotone function of the optical values, with multiplicative (gamma, 4 looks) speckle. One block
+    of ``side / 4`` pixels changes class (label 1; elsewhere 0).
+    """
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    blocks = -(-side // 16)
+    classes = np.kron(rng.integers(0, 4, (blocks, blocks)), np.ones((16, 16), int))[:side, :side]
+    change = np.zeros((side, side), bool)
+    q = side // 4
+    change[q : 2 * q, side - 2 * q - q // 2 : side - q - q // 2] = True
+    after = classes.copy()
+    after[change] = np.where(classes[change] == 3, 1, 3)
+    colours = np.array([[0.1, 0.3, 0.1], [0.5, 0.4, 0.3], [0.2, 0.2, 0.6], [0.8, 0.8, 0.7]])
+    optical = colours[classes].transpose(2, 0, 1) + rng.normal(0, 0.03, (3, side, side))
+    sar = np.array([-12.0, -6.0, -18.0, -2.0])[after] + 10 * np.log10(rng.gamma(4.0, 0.25, (side, side)))
+    transform = Affine(10, 0, 500000, 0, -10, 4600000)
+    paths = []
+    for name, data, dtype in (("optical.tif", optical, "float32"), ("sar.tif", sar[None], "float32"),
+                              ("label.tif", change[None], "uint8")):
+        path = out / name
+        with rasterio.open(path, "w", driver="GTiff", count=data.shape[0], height=side, width=side, dtype=dtype,
+                           crs="EPSG:32631", transform=transform) as ds:
+            ds.write(data.astype(dtype))
+        paths.append(path)
+    return paths[0], paths[1], paths[2]
