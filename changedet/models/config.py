@@ -48,6 +48,7 @@ class ModelConfig(BaseModel):
     score_smoothing: PositiveInt | None = None
     iterations: PositiveInt | None = None
     stride: PositiveInt | None = None
+    use_images: bool | None = Field(default=None, description="structure-refined: stack each date's image with the structure logit")
     members: list[dict[str, Any]] | None = Field(default=None, description="ensemble: [{model, config}, ...]")
 
     @field_validator("name")
