@@ -227,40 +227,35 @@ def report(names: list[str], seeds: list[int]) -> dict[str, Any]:
                              "recipe": RECIPE, "rows": {},
                              "baselines": {"hetero-unsupervised": base["loso_pooled_f1"], "cva": base["cva_pooled_f1"]}}
     print(f"{'variant':>11} {'rule':>6} {'seeds':>5} | {'pooled F1 mean ± std':>21} | per seed")
+
+    def add_row(key: str, done: list[int], pooled: list[float], note: str = "", **extra: Any) -> None:
+        table["rows"][key] = {"seeds": done, "pooled_f1": pooled, "mean": float(np.mean(pooled)), "std": float(np.std(pooled)), **extra}
+        variant, rule = key.split("/")
+        print(f"{variant:>11} {rule:>6} {len(done):>5} | {np.mean(pooled):9.3f} ± {np.std(pooled):.3f} | "
+              + " ".join(f"{v:.3f}" for v in pooled) + note)
+
     for variant in VARIANTS:
         done = [s for s in seeds if all(fold_path(variant, s, n).is_file() for n in names)]
         if not done:
             continue
+        cells = {s: {(n, r): rule_confusion(hist, r) for n in names for hist in [histogram(variant, s, n)] for r in RULES}
+                 for s in done}
         for rule in RULES:
-            pooled, per_scene = [], {n: [] for n in names}
-            for s in done:
-                total = Confusion()
-                for n in names:
-                    c = rule_confusion(histogram(variant, s, n), rule)
-                    total = total + c
-                    per_scene[n].append(c.metrics()["f1"])
-                pooled.append(total.metrics()["f1"])
-            table["rows"][f"{variant}/{rule}"] = {"seeds": done, "pooled_f1": pooled, "mean": float(np.mean(pooled)),
-                                                  "std": float(np.std(pooled)),
-                                                  "per_scene_mean": {n: float(np.mean(v)) for n, v in per_scene.items()}}
-            print(f"{variant:>11} {rule:>6} {len(done):>5} | {np.mean(pooled):9.3f} ± {np.std(pooled):.3f} | "
-                  + " ".join(f"{v:.3f}" for v in pooled))
-        pooled, choices = [], []
+            pooled = [sum((cells[s][(n, rule)] for n in names), Confusion()).metrics()["f1"] for s in done]
+            per_scene = {n: float(np.mean([cells[s][(n, rule)].metrics()["f1"] for s in done])) for n in names}
+            add_row(f"{variant}/{rule}", done, pooled, per_scene_mean=per_scene)
+        pooled, choices = [], Counter()
         for s in done:  # the rule of each scene chosen on the 12 others (nested: no choice sees the scored scene)
-            cells = {(n, r): rule_confusion(histogram(variant, s, n), r) for n in names for r in RULES}
             total = Confusion()
             for n in names:
-                def others(r: str, held: str = n) -> float:
-                    return sum((cells[(o, r)] for o in names if o != held), Confusion()).metrics()["f1"]
+                def others(r: str, held: str = n, seed: int = s) -> float:
+                    return sum((cells[seed][(o, r)] for o in names if o != held), Confusion()).metrics()["f1"]
                 best = max(RULES, key=others)
-                choices.append(best)
-                total = total + cells[(n, best)]
+                choices[best] += 1
+                total = total + cells[s][(n, best)]
             pooled.append(total.metrics()["f1"])
-        table["rows"][f"{variant}/nested"] = {"seeds": done, "pooled_f1": pooled, "mean": float(np.mean(pooled)),
-                                              "std": float(np.std(pooled)),
-                                              "chosen": {r: choices.count(r) for r in RULES}}
-        print(f"{variant:>11} {'nested':>6} {len(done):>5} | {np.mean(pooled):9.3f} ± {np.std(pooled):.3f} | "
-              + " ".join(f"{v:.3f}" for v in pooled) + f"  (rule chosen on the other 12: {dict(Counter(choices))})")
+        add_row(f"{variant}/nested", done, pooled, f"  (rule chosen on the other 12: {dict(choices)})",
+                chosen={r: choices[r] for r in RULES})
     print(f"baselines (leave-one-scene-out, through detect): hetero-unsupervised {base['loso_pooled_f1']:.3f}, CVA {base['cva_pooled_f1']:.3f}")
     rows = table["rows"]
     if rows:
@@ -268,7 +263,9 @@ def report(names: list[str], seeds: list[int]) -> dict[str, Any]:
         print(f"\nper-scene F1, mean over seeds\n{'scene':>12} {'unsup.':>7} " + " ".join(f"{k:>17}" for k in per_scene))
         for n in names:
             print(f"{n:>12} {base['scenes'][n]['f1']:7.3f} " + " ".join(f"{r['per_scene_mean'][n]:17.3f}" for r in per_scene.values()))
-    TABLE.write_text(json.dumps(table, indent=1))
+    tmp = TABLE.with_suffix(".tmp")
+    tmp.write_text(json.dumps(table, indent=1))
+    os.replace(tmp, TABLE)
     return table
 
 

@@ -32,7 +32,7 @@ from torch import nn
 
 from changedet.errors import InputError
 from changedet.models.base import ChangeModel
-from changedet.models.bitemporal import check_pair, crop_to, pad_to_multiple
+from changedet.models.bitemporal import band_pair, check_pair, crop_to, pad_to_multiple
 from changedet.models.cva import otsu_threshold
 from changedet.models.decoders import SegmentationHead
 from changedet.models.fc_siam import FCDecoder, FCEncoder
@@ -164,8 +164,7 @@ def _combine(terms: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
 def hetero_unsupervised(in_channels: int | tuple[int, int] = 3, anchors: int = 1500, neighbours: int = 20, smoothing: int = 5,
                         score_smoothing: int = 9, iterations: int = 2, stride: int = 2) -> StructureConsistency:
     """Structure consistency of self-similarity graphs (no training; any two sensors, 1 or more bands each)."""
-    channels = (in_channels, in_channels) if isinstance(in_channels, int) else tuple(in_channels)
-    return StructureConsistency(channels, anchors, neighbours, smoothing, score_smoothing, iterations, stride)
+    return StructureConsistency(band_pair(in_channels, shared=False), anchors, neighbours, smoothing, score_smoothing, iterations, stride)
 
 
 PRIOR_CLAMP = 8.0  # structure logits beyond +-8 (probability 0.9997) carry no more information
@@ -238,6 +237,5 @@ def structure_refined(in_channels: int | tuple[int, int] = 3, base_channels: int
                       anchors: int = 1500, neighbours: int = 20, smoothing: int = 5, score_smoothing: int = 9,
                       iterations: int = 2, stride: int = 2) -> StructureRefined:
     """Structure consistency refined by a trained weight-shared network (bundled as ``hetero``: 1- or 3-band dates, any order)."""
-    channels = (in_channels, in_channels) if isinstance(in_channels, int) else tuple(in_channels)
-    return StructureRefined(channels, base_channels, use_images, anchors=anchors, neighbours=neighbours, smoothing=smoothing,
+    return StructureRefined(band_pair(in_channels, shared=False), base_channels, use_images, anchors=anchors, neighbours=neighbours, smoothing=smoothing,
                             score_smoothing=score_smoothing, iterations=iterations, stride=stride)
