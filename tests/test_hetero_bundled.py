@@ -13,7 +13,7 @@ import rasterio
 from changedet.checkpoint import read_metadata
 from changedet.cli import main as cli_main
 from changedet.evaluate import evaluate_mask
-from changedet.pipeline.output_table import DIFFERENCE, MASK, PROBABILITY, RUN_JSON
+from changedet.pipeline.output_table import DIFFERENCE, MASK, MASK_NODATA, PROBABILITY, RUN_JSON
 from changedet.testing.synthetic import write_synthetic_optical_sar
 from changedet.weights import bundled_checkpoint
 
@@ -47,7 +47,7 @@ def test_reproduces_its_recorded_sample_figure(pair, tmp_path):
     assert abs(m["f1"] - meta["sample_scene"]["f1"]) < 1e-6
     assert meta["expected_f1_unseen"]["pooled_f1_mean"] > 0
     with rasterio.open(optical) as src, rasterio.open(tmp_path / "a" / MASK) as out:
-        assert out.crs == src.crs and out.transform == src.transform
+        assert out.crs == src.crs and out.transform == src.transform and out.nodata == MASK_NODATA
 
 
 def test_either_order_gives_the_same_map(pair, tmp_path):
