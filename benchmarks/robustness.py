@@ -49,7 +49,7 @@ def adversarial(steps: int, finetune_steps: int, refit: bool) -> None:
         block = finetune_checkpoint("oscd-s2", at, OSCD, attack=attack, steps=finetune_steps, patch_size=64)
         print(f"PGD-AT fine-tune: {block['steps']} steps on {', '.join(block['train_scenes'])}, "
               f"threshold {read_metadata(at)['threshold']:.3f} (tuned on training cities), {time.perf_counter() - start:.0f} s")  # fmt: skip
-    cfg = RobustnessConfig(checkpoints=["oscd-s2", str(at)], data=str(OSCD), steps=steps)
+    cfg = RobustnessConfig(checkpoints=["oscd-s2", str(at)], data=str(OSCD), steps=[steps])
     report = run_evaluation(cfg)
     write_report(report, WORK / "robustness", overwrite=True)
     print(markdown(report))

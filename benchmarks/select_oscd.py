@@ -55,11 +55,31 @@ _BASE: dict[str, Any] = {
     "resume": True,
 }
 RGB_CONFIG = ROOT / "configs" / "train" / "rgb_bundled.yaml"
+
+
+def merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    """``extra`` merged into a copy of ``base``, nested dicts key by key."""
+    out = dict(base)
+    for key, value in extra.items():
+        out[key] = merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
+
+
+_PER_SCENE = {"data": {"normalization": "per-scene"}}
+#: self-supervised pretraining of the encoder on the fold's training cities and the 4 unlabelled OSCD
+#: cities (never the held-out cities' images); the config's augmentation and heads
+_SSL = {"enabled": True, "epochs": 10, "samples_per_epoch": 640, "batch_size": 32, "patch_size": 64}  # ~3 CPU-min a fold
 #: recipe name -> (training config, overrides merged over _BASE)
 RECIPES: dict[str, tuple[Path, dict[str, Any]]] = {
     "fc8": (CONFIG, {}),
-    "fc8-perscene": (CONFIG, {"data": {"normalization": "per-scene"}}),
+    "fc8-perscene": (CONFIG, _PER_SCENE),
     "rgb-fc8": (RGB_CONFIG, {}),  # LEVIR-CD crops + OSCD B04/B03/B02, per-scene statistics (the config's)
+    # candidates from the Siamese literature, each over fc8-perscene (issue 17, item 4)
+    "fc8-contrastive": (CONFIG, merge(_PER_SCENE, {"loss": {"name": "bce+dice+0.5*contrastive", "contrastive": {"balanced": True}}})),
+    "fc8-triplet": (CONFIG, merge(_PER_SCENE, {"loss": {"name": "bce+dice+0.2*triplet", "triplet": {"mining": "batch-hard"}}})),
+    "fc8-simsiam": (CONFIG, merge(_PER_SCENE, {"simsiam": _SSL})),
+    "fc8-byol": (CONFIG, merge(_PER_SCENE, {"simsiam": {**_SSL, "method": "byol"}})),
+    "mitb0-perscene": (CONFIG, merge(_PER_SCENE, {"model": {"name": "siam-unet-mit-b0", "config": {}}})),  # the Siamese transformer
 }
 
 
@@ -71,14 +91,6 @@ class Source:
     layout: str
     root: str
     bands: tuple[str, ...] | None
-
-
-def merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
-    """``extra`` merged into a copy of ``base``, nested dicts key by key."""
-    out = dict(base)
-    for key, value in extra.items():
-        out[key] = merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
-    return out
 
 
 def sources(recipe: str) -> list[Source]:
@@ -164,6 +176,7 @@ def train_one(job: tuple[str, int, int | str, dict[str, Any], tuple[int, ...]]) 
             continue
         config, extra = RECIPES[recipe]
         overrides = merge(merge(_BASE, extra), {"data": data, "epochs": epochs, "seed": seed, "output_dir": str(out)})
+        overrides["model"] = extra.get("model", _BASE["model"])  # a recipe's model replaces the base's whole
         train_from_config(config, overrides=overrides)
         shutil.copyfile(out / "best.safetensors", snapshot(out, epochs).with_suffix(".tmp"))
         os.replace(snapshot(out, epochs).with_suffix(".tmp"), snapshot(out, epochs))

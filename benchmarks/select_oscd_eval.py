@@ -211,5 +211,22 @@ def report() -> dict[str, Any]:
             for name, values in extra.items():
                 table["rows"][f"{recipe}/e{BUDGETS[-1]}/{name}"] = {"seeds": full, "pooled_f1": values}
                 print(f"{recipe:<14} {name:<16} {len(values):>5} {_fmt(values):>15}")
-    (RESULTS.parent / "select_oscd.json").write_text(json.dumps(table, indent=1))
+    _keep_earlier_rows(table)
+    path = RESULTS.parent / "select_oscd.json"
+    path.with_suffix(".tmp").write_text(json.dumps(table, indent=1))
+    path.with_suffix(".tmp").replace(path)
     return table
+
+
+def _keep_earlier_rows(table: dict[str, Any]) -> None:
+    """Rows of the earlier table that need maps not on this machine (ensembles, region removal) are kept."""
+    path = RESULTS.parent / "select_oscd.json"
+    earlier = json.loads(path.read_text()) if path.is_file() else {"rows": {}, "folds": {}}
+    for key, row in earlier["rows"].items():
+        if key not in table["rows"] and key.split("/", 1)[0] in RECIPES:
+            table["rows"][key] = row
+            print(f"{key:<31} kept from the earlier table (its maps are not here): "
+                  + " ".join(f"{r} {_fmt(v)}" for r, v in row["pooled_f1"].items()) if isinstance(row["pooled_f1"], dict)
+                  else f"{key:<31} kept from the earlier table: {_fmt(row['pooled_f1'])}")
+    for recipe, folds_ in earlier.get("folds", {}).items():
+        table["folds"].setdefault(recipe, folds_)

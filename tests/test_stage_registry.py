@@ -61,7 +61,8 @@ def test_every_stage_honours_the_contract(name):
 
 def test_robustness_has_one_clean_setting_and_domain_shift_one_per_adaptation():
     rob = all_stages()["robustness"].settings(RobustnessConfig(data="d", eps=[0, 2, 0], methods=["fgsm"], modes=["t1"]))
-    assert rob == [{"method": CLEAN, "mode": CLEAN, "eps_255": 0.0}, {"method": "fgsm", "mode": "t1", "eps_255": 2.0}]
+    assert rob == [{"method": CLEAN, "mode": CLEAN, "eps_255": 0.0, "steps": 0, "restarts": 0},
+                   {"method": "fgsm", "mode": "t1", "eps_255": 2.0, "steps": 1, "restarts": 1}]  # fmt: skip
     shift = all_stages()["domain-shift"]
     settings = shift.settings(shift.config(data="d", shifts=["blur"], severities=[0, 3], adaptations=["none", "adabn"]))
     assert [s for s in settings if s["shift"] == CLEAN] == [
@@ -75,11 +76,13 @@ def test_the_existing_option_names_keep_their_meaning(parser):
     common = ["--data", "d", "--out", "o", "--model", "a", "--model", "b.safetensors", "--scenes", "x,y", "--tile", "64",
               "--overlap", "8", "--batch-size", "2", "--device", "cuda", "--overwrite"]  # fmt: skip
     args = parser().parse_args(["robustness", *common, "--eps", "0,2.5", "--modes", "fake,t1", "--methods", "pgd", "--steps", "3",
-                                "--step-size", "0.5", "--random-start", "--adv-finetune", "at.safetensors", "--finetune-steps", "7"])  # fmt: skip
+                                "--step-size", "0.5", "--random-start", "--adv-finetune", "at.safetensors", "--finetune-steps", "7",
+                                "--restarts", "3,1", "--queries", "100"])  # fmt: skip
     cfg = stage_config("robustness", args)
     assert (cfg.checkpoints, cfg.data, cfg.scenes, cfg.tile, cfg.overlap, cfg.batch_size, cfg.device) == (
         ["a", "b.safetensors"], "d", ["x", "y"], 64, 8, 2, "cuda")
-    assert (cfg.eps, cfg.modes, cfg.methods, cfg.steps, cfg.step_size, cfg.random_start) == ([0, 2.5], ["fake", "t1"], ["pgd"], 3, 0.5, True)
+    assert (cfg.eps, cfg.modes, cfg.methods, cfg.steps, cfg.step_size, cfg.random_start) == ([0, 2.5], ["fake", "t1"], ["pgd"], [3], 0.5, True)
+    assert (cfg.restarts, cfg.queries) == ([1, 3], 100)
     assert (cfg.adv_finetune, cfg.finetune_steps, args.out, args.overwrite) == ("at.safetensors", 7, "o", True)
     args = parser().parse_args(["domain-shift", "--data", "d", "--out", "o", "--shifts", "blur,haze", "--severities", "1,4",
                                 "--adaptations", "adabn", "--dates", "both"])  # fmt: skip

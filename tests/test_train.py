@@ -333,3 +333,32 @@ def test_simsiam_pretrains_the_encoder_and_fine_tuning_loads_it(bercy: ChangeSce
     wider = create_model("fc-siam-diff", in_channels=13, base_channels=8)
     with pytest.raises(ModelError, match="incompatible"):
         load_encoder_weights(wider, tmp_path / "ss.safetensors")
+
+
+def test_byol_target_is_an_ema_of_the_online_branch_and_only_the_encoder_is_kept(bercy: ChangeScene, stats: dict, tmp_path: Path) -> None:
+    from changedet.train.simsiam import SimSiam
+
+    head = SimSiam(tiny_model(3).encoder, proj_dim=16, pred_hidden=8, target_decay=0.75)
+    assert head.target is not None and not any(p.requires_grad for p in head.target.parameters())
+    online = [p for n, p in head.named_parameters() if not n.startswith("target.")]
+    target_before = [t.clone() for t in head.target.parameters()]
+    with torch.no_grad():
+        for p in online:
+            p.add_(1.0)
+    head.update_target()
+    online_now = list(head.encoder.parameters()) + list(head.projector.parameters())
+    for t, before, o in zip(head.target.parameters(), target_before, online_now):
+        assert torch.allclose(t, 0.75 * before + 0.25 * o)  # the decay, not a copy
+    model = tiny_model(4)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    data = PatchDataset([bercy], 32, stats, None, length=16, require_label=False, seed=2)
+    result = pretrain_simsiam(
+        model, data, epochs=2, batch_size=8, lr=0.5, proj_dim=32, pred_hidden=8, method="byol", target_decay=0.9,
+        out_path=tmp_path / "byol.safetensors", metadata={"model": "fc-siam-diff", "config": TINY}, progress=False,
+    )  # fmt: skip
+    assert all(math.isfinite(h["loss"]) and -1 <= h["loss"] <= 1 for h in result.history)
+    meta = read_metadata(tmp_path / "byol.safetensors")["pretraining"]
+    assert meta["method"] == "byol" and meta["target_decay"] == 0.9
+    changed = {k for k, v in model.state_dict().items() if not torch.equal(before[k], v)}
+    assert changed and all(k.startswith("encoder.") for k in changed)
+    assert set(load_state_dict(tmp_path / "byol.safetensors")) == set(model.state_dict())  # no target weights saved

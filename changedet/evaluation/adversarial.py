@@ -1,4 +1,4 @@
-"""White-box L∞ attacks (FGSM, PGD) on bi-temporal change models, evaluated on whole scenes.
+"""L∞ attacks on bi-temporal change models (FGSM, PGD, APGD, Square), evaluated on whole scenes.
 
 Threat model: the attacker adds ``delta`` to the *raw* pixels of t1, t2 or both, with
 ``|delta|∞ <= eps`` in reflectance units (:mod:`changedet.evaluation.sensor`: ε = 1/255 is
@@ -11,6 +11,15 @@ against the label), and two targeted goals on both dates: ``hide`` (push labelle
 no-change) and ``fake`` (push labelled no-change pixels to change). Scenes are attacked tile by
 tile as an input transform of the one scene runner (:func:`attack_transform`, :func:`evaluate_attack`):
 detect's tiling, normalisation and blending.
+
+Methods (:data:`METHODS`; the algorithms are in :mod:`changedet.evaluation.attacks`): ``fgsm``,
+``pgd`` (white-box, on the BCE objective), ``apgd-ce`` / ``apgd-margin`` (APGD's adaptive step with
+momentum, on the BCE or on the capped margin objective, :func:`attack_objective`) and ``square``
+(score-based black-box, margin objective: it sees the model's outputs only). ``restarts > 1`` runs
+the attack again from random points of the ε-ball (seeds ``seed + r``; the first run starts where a
+single run starts) and keeps, per tile, the run with the most pixels on the attacker's side of the
+0.5 threshold (:func:`attack_success`), ties broken by the objective: more restarts never lose a
+tile's successes.
 """
 
 from __future__ import annotations
@@ -26,6 +35,7 @@ import torch.nn.functional as F
 
 from changedet.data.scenes import IGNORE, ChangeScene
 from changedet.errors import ChangeDetError
+from changedet.evaluation.attacks import Bounds, Score, pick, apgd, pgd, project, square
 from changedet.evaluation.sensor import Sensor
 from changedet.metrics import ValidationResult
 from changedet.models import ChangeModel
@@ -42,7 +52,10 @@ MODES: dict[str, tuple[str, str]] = {
     "hide": ("hide", "both"),
     "fake": ("fake", "both"),
 }
-METHODS = ("fgsm", "pgd")
+#: method -> objective it maximises
+METHODS: dict[str, str] = {"fgsm": "ce", "pgd": "ce", "apgd-ce": "ce", "apgd-margin": "margin", "square": "margin"}
+#: the margin objective stops rewarding a pixel once its logit is this far on the attacker's side
+MARGIN_CAP = 2.0
 
 
 @dataclass(frozen=True)
@@ -50,14 +63,18 @@ class Attack:
     """One attack configuration.
 
     Attributes:
-        method: ``fgsm`` (one step of size ``eps``) or ``pgd`` (``steps`` signed-gradient steps of
-            ``step_size``, projected on the ε-ball and the sensor range after each step).
+        method: one of :data:`METHODS`: ``fgsm`` (one step of size ``eps``), ``pgd`` (``steps``
+            signed-gradient steps of ``step_size``, projected on the ε-ball and the sensor range after
+            each step), ``apgd-ce``/``apgd-margin`` (``steps`` APGD steps) or ``square`` (``queries``
+            model evaluations, no gradients).
         eps: L∞ budget in reflectance units (e.g. ``4 / 255``).
         mode: one of :data:`MODES`.
         steps: PGD iterations.
         step_size: PGD step in reflectance units (None: ``2.5 * eps / steps``).
-        random_start: PGD starts from a uniform random point of the ε-ball.
-        seed: seed of the random start.
+        random_start: PGD/APGD start from a uniform random point of the ε-ball.
+        seed: seed of the random start (restart ``r`` uses ``seed + r``).
+        restarts: runs per tile, the most successful kept (FGSM: always 1).
+        queries: Square attack's query budget.
     """
 
     method: str = "pgd"
@@ -67,14 +84,24 @@ class Attack:
     step_size: float | None = None
     random_start: bool = False
     seed: int = 0
+    restarts: int = 1
+    queries: int = 500
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
             raise ChangeDetError(f"unknown attack method {self.method!r}; choose one of {', '.join(METHODS)}")
         if self.mode not in MODES:
             raise ChangeDetError(f"unknown attack mode {self.mode!r}; choose one of {', '.join(MODES)}")
-        if self.eps < 0 or self.steps < 1:
-            raise ChangeDetError(f"attack needs eps >= 0 and steps >= 1, got eps={self.eps}, steps={self.steps}")
+        if self.eps < 0 or self.steps < 1 or self.restarts < 1 or self.queries < 1:
+            raise ChangeDetError(
+                f"attack needs eps >= 0 and steps, restarts, queries >= 1, got eps={self.eps}, steps={self.steps}, "
+                f"restarts={self.restarts}, queries={self.queries}"
+            )
+
+    @property
+    def loss(self) -> str:
+        """The objective the method maximises: ``ce`` or ``margin``."""
+        return METHODS[self.method]
 
     @property
     def goal(self) -> str:
@@ -104,26 +131,49 @@ class Attack:
         return {**asdict(self), "eps_255": round(self.eps * 255, 6), "goal": self.goal}
 
 
-def attack_objective(logits: torch.Tensor, label: torch.Tensor, valid: torch.Tensor, goal: str) -> torch.Tensor:
-    """Per-tile objective the attacker maximises, ``(B,)``.
-
-    ``untargeted``: mean BCE against the label over labelled valid pixels; ``hide``: minus the BCE
-    towards no-change over labelled changes; ``fake``: minus the BCE towards change over labelled
-    no-change pixels. Tiles without such pixels score 0 (no gradient).
-    """
+def _goal_terms(label: torch.Tensor, valid: torch.Tensor, goal: str, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """``(target, attacked pixels, sign)``: the BCE target, the pixels the goal counts and +1 when the
+    attacker moves away from the target (untargeted), -1 when towards it."""
     known = valid & (label != IGNORE)
     changed = label == 1
     if goal == "untargeted":
         target, select, sign = changed.float(), known, 1.0
     elif goal == "hide":
-        target, select, sign = torch.zeros_like(logits[:, 0]), known & changed, -1.0
+        target, select, sign = torch.zeros_like(like), known & changed, -1.0
     elif goal == "fake":
-        target, select, sign = torch.ones_like(logits[:, 0]), known & ~changed, -1.0
+        target, select, sign = torch.ones_like(like), known & ~changed, -1.0
     else:
         raise ChangeDetError(f"unknown attack goal {goal!r}")
-    bce = F.binary_cross_entropy_with_logits(logits[:, 0].float(), target, reduction="none")
+    return target, select, sign
+
+
+def attack_objective(logits: torch.Tensor, label: torch.Tensor, valid: torch.Tensor, goal: str, loss: str = "ce") -> torch.Tensor:
+    """Per-tile objective the attacker maximises, ``(B,)``: a mean over the goal's pixels.
+
+    ``ce`` — ``untargeted``: the BCE against the label over labelled valid pixels; ``hide``: minus
+    the BCE towards no-change over labelled changes; ``fake``: minus the BCE towards change over
+    labelled no-change pixels. ``margin`` — the logit ``z`` signed towards the attacker's side,
+    ``min(-(2y - 1) z, MARGIN_CAP)`` untargeted and ``min((2t - 1) z, MARGIN_CAP)`` towards a target
+    ``t``: bounded, so pixels already flipped by the cap stop drawing the attack. Tiles without such
+    pixels score 0 (no gradient).
+    """
+    z = logits[:, 0].float()
+    target, select, sign = _goal_terms(label, valid, goal, z)
+    if loss == "ce":
+        values = sign * F.binary_cross_entropy_with_logits(z, target, reduction="none")
+    elif loss == "margin":
+        values = (-sign * (2 * target - 1) * z).clamp(max=MARGIN_CAP)
+    else:
+        raise ChangeDetError(f"unknown attack loss {loss!r}; choose ce or margin")
     weight = select.float()
-    return sign * (bce * weight).sum((1, 2)) / weight.sum((1, 2)).clamp(min=1.0)
+    return (values * weight).sum((1, 2)) / weight.sum((1, 2)).clamp(min=1.0)
+
+
+def attack_success(logits: torch.Tensor, label: torch.Tensor, valid: torch.Tensor, goal: str) -> torch.Tensor:
+    """Per tile, the goal's pixels on the attacker's side of the 0.5 threshold, ``(B,)``."""
+    z = logits[:, 0].float()
+    target, select, sign = _goal_terms(label, valid, goal, z)
+    return ((-sign * (2 * target - 1) * z > 0) & select).sum((1, 2))
 
 
 @contextmanager
@@ -155,41 +205,53 @@ def perturb(
     Returns ``x + sensor.scale * delta`` with ``delta`` 0 on invalid pixels and on dates not attacked.
     """
     raws = (x1, x2)
+    attacked = [i for i, on in enumerate(attack.dates) if on]
     bounds = []
-    for x, attacked in zip(raws, attack.dates):
-        if not attacked:
-            bounds.append(None)
-            continue
-        low, high = sensor.delta_bounds(x, attack.eps)
+    for i in attacked:
+        low, high = sensor.delta_bounds(raws[i], attack.eps)
         mask = valid[:, None]
         bounds.append((torch.where(mask, low, 0.0), torch.where(mask, high, 0.0)))
-    generator = torch.Generator(device=x1.device).manual_seed(attack.seed)
-    deltas: list[torch.Tensor | None] = []
-    for x, b in zip(raws, bounds):
-        if b is None:
-            deltas.append(None)
-        elif attack.method == "pgd" and attack.random_start:
-            start = (torch.rand(x.shape, generator=generator, device=x.device) * 2 - 1) * attack.eps
-            deltas.append(torch.minimum(torch.maximum(start, b[0]), b[1]))
-        else:
-            deltas.append(torch.zeros_like(x))
 
-    def inputs(ds: Sequence[torch.Tensor | None]) -> list[torch.Tensor]:
-        return [x if d is None else sensor.clip_tensor(x + sensor.scale * d, x) for x, d in zip(raws, ds)]
+    def logits_of(deltas: Sequence[torch.Tensor]) -> torch.Tensor:
+        inputs = list(raws)
+        for i, d in zip(attacked, deltas):
+            inputs[i] = sensor.clip_tensor(raws[i] + sensor.scale * d, raws[i])
+        return model(normalization.apply_tensor(inputs[0], valid, 0), normalization.apply_tensor(inputs[1], valid, 1)).logits
 
-    for _ in range(attack.iterations):
-        live = [d.requires_grad_(True) if d is not None else None for d in deltas]
-        a1, a2 = inputs(live)
-        logits = model(normalization.apply_tensor(a1, valid, 0), normalization.apply_tensor(a2, valid, 1)).logits
-        objective = attack_objective(logits, label, valid, attack.goal).sum()
-        grads = torch.autograd.grad(objective, [d for d in live if d is not None])
-        it = iter(grads)
-        deltas = [
-            None if d is None else torch.minimum(torch.maximum(d.detach() + attack.alpha * next(it).sign(), b[0]), b[1])
-            for d, b in zip(live, bounds)
-        ]
-    a1, a2 = inputs(deltas)
-    return a1.detach(), a2.detach()
+    def score(deltas: Sequence[torch.Tensor]) -> torch.Tensor:
+        return attack_objective(logits_of(deltas), label, valid, attack.goal, attack.loss)
+
+    best: list[torch.Tensor] | None = None
+    for r in range(1 if attack.method == "fgsm" else attack.restarts):
+        generator = torch.Generator().manual_seed(attack.seed + r)
+        deltas = _run(attack, score, bounds, generator, random_start=attack.random_start or r > 0)
+        with torch.no_grad():
+            logits = logits_of(deltas)
+            merit = (attack_success(logits, label, valid, attack.goal).double(),
+                     attack_objective(logits, label, valid, attack.goal, attack.loss).double())  # fmt: skip
+        if best is None:
+            best, best_merit = deltas, merit
+            continue
+        take = (merit[0] > best_merit[0]) | ((merit[0] == best_merit[0]) & (merit[1] > best_merit[1]))
+        best = pick(take, deltas, best)
+        best_merit = tuple(torch.where(take, m, b) for m, b in zip(merit, best_merit))
+    out = list(raws)
+    for i, d in zip(attacked, best or []):
+        out[i] = sensor.clip_tensor(raws[i] + sensor.scale * d, raws[i])
+    return out[0].detach(), out[1].detach()
+
+
+def _run(attack: Attack, score: Score, bounds: Bounds, generator: torch.Generator, random_start: bool) -> list[torch.Tensor]:
+    """One run of the attack's algorithm from zero or from a random point of the ε-ball."""
+    if attack.method == "square":
+        return square(score, bounds, attack.eps, attack.queries, generator)
+    start = [torch.zeros_like(low) for low, _ in bounds]
+    if random_start and attack.method != "fgsm":
+        noise = [(torch.rand(low.shape, generator=generator) * 2 - 1).to(low) * attack.eps for low, _ in bounds]
+        start = project(noise, bounds)
+    if attack.method.startswith("apgd"):
+        return apgd(score, start, bounds, attack.eps, attack.steps)
+    return pgd(score, start, bounds, attack.iterations, attack.alpha)
 
 
 def attack_transform(sensor: Sensor, attack: Attack) -> InputTransform:

@@ -110,7 +110,7 @@ def pretrain_encoder(cfg: TrainConfig, model: ChangeModel, data: PreparedData, o
     path = out_dir / SIMSIAM_CHECKPOINT
     if cfg.resume and path.is_file():
         keys = load_encoder_weights(model, path)
-        return {"method": "simsiam", "checkpoint": str(path), "reused": True, "tensors": len(keys)}
+        return {"method": ss.method, "checkpoint": str(path), "reused": True, "tensors": len(keys)}
     scenes = data.train + data.unlabelled
     dataset = PatchDataset(
         scenes, ss.patch_size, data.normalization, None, ss.samples_per_epoch, 0.0, cfg.seed + 1, require_label=False
@@ -121,7 +121,7 @@ def pretrain_encoder(cfg: TrainConfig, model: ChangeModel, data: PreparedData, o
     )  # fmt: skip
     result = pretrain_simsiam(model, dataset, ss, TrainSettings.from_config(cfg), path, meta, run_dir=out_dir / SIMSIAM_RUN)
     return {
-        "method": "simsiam",
+        "method": ss.method,
         "checkpoint": str(path),
         "scenes": [s.name for s in scenes],
         "final_loss": result.history[-1]["loss"] if result.history else None,

@@ -186,9 +186,11 @@ class ValidationSection(_Strict):
 
 
 class SimSiamSection(_Strict):
-    """Self-supervised SimSiam pretraining of the model's encoder before fine-tuning."""
+    """Self-supervised pretraining of the model's encoder before fine-tuning: SimSiam or BYOL."""
 
     enabled: bool = False
+    method: Literal["simsiam", "byol"] = "simsiam"
+    target_decay: float = Field(default=0.99, gt=0, lt=1, description="BYOL: EMA decay of the target branch")
     epochs: PositiveInt = 20
     samples_per_epoch: PositiveInt = 1024
     batch_size: int = Field(default=32, ge=2)

@@ -1,4 +1,4 @@
-"""SimSiam self-supervised pretraining of a change model's encoder (Chen & He, CVPR 2021).
+"""SimSiam (Chen & He, CVPR 2021) or BYOL self-supervised pretraining of a change model's encoder.
 
 Two augmented views ``x_a, x_b`` of one single-date tile go through the encoder ``f`` (global
 average pooling of its deepest level), a projection MLP ``g`` and a prediction MLP ``h``:
@@ -6,6 +6,12 @@ average pooling of its deepest level), a projection MLP ``g`` and a prediction M
 **stop-gradient** on the target branch::
 
     L = D(p_a, stopgrad(z_b)) / 2 + D(p_b, stopgrad(z_a)) / 2,   D(p, z) = -cos(p, z)
+
+**BYOL** (Grill et al., NeurIPS 2020; ``method: byol``) differs in one place: the target
+branch is not the online network under a stop-gradient but an exponential moving average of the
+online encoder and projector (``target_decay``, updated before every step), so
+``L = D(p_a, z'_b) / 2 + D(p_b, z'_a) / 2`` with ``z' = g'(f'(x))`` (``D`` as above; BYOL's
+``2 - 2 cos`` is the same loss up to an affine map).
 
 Views come from the *same date* (random resized crop, dihedral flips/rotations, per-band
 gain/offset, noise, blur): using the other date as a positive would teach the encoder to ignore
@@ -27,6 +33,7 @@ checkpoint into a fresh model for fine-tuning.
 
 from __future__ import annotations
 
+import copy
 import logging
 import math
 from dataclasses import dataclass, field
@@ -128,11 +135,15 @@ def negative_cosine(p: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
 
 
 class SimSiam(nn.Module):
-    """Encoder + projection MLP (3 layers, BN) + prediction MLP (bottleneck), as in the paper."""
+    """Encoder + projection MLP (3 layers, BN) + prediction MLP (bottleneck), as in the paper.
 
-    def __init__(self, encoder: nn.Module, proj_dim: int = 512, pred_hidden: int = 128) -> None:
+    With ``target_decay`` (BYOL) the targets come from an EMA copy of encoder and projector.
+    """
+
+    def __init__(self, encoder: nn.Module, proj_dim: int = 512, pred_hidden: int = 128, target_decay: float | None = None) -> None:
         super().__init__()
         self.encoder = encoder
+        self.target_decay = target_decay
         c = _deepest_channels(encoder)
         self.proj_dim = proj_dim
         self.projector = nn.Sequential(
@@ -144,17 +155,36 @@ class SimSiam(nn.Module):
             nn.Linear(proj_dim, pred_hidden, bias=False), nn.BatchNorm1d(pred_hidden), nn.ReLU(inplace=True),
             nn.Linear(pred_hidden, proj_dim),
         )  # fmt: skip
+        self.target: nn.ModuleDict | None = None
+        if target_decay is not None:
+            self.target = copy.deepcopy(nn.ModuleDict({"encoder": encoder, "projector": self.projector})).requires_grad_(False)
 
-    def project(self, x: torch.Tensor) -> torch.Tensor:
-        """``z = g(avgpool(f(x)[-1]))``."""
-        levels = [f for f in self.encoder(x) if f.shape[1] > 0]
-        return self.projector(levels[-1].mean(dim=(2, 3)))
+    def project(self, x: torch.Tensor, branch: nn.ModuleDict | None = None) -> torch.Tensor:
+        """``z = g(avgpool(f(x)[-1]))`` of the online branch (or of ``branch``'s encoder and projector)."""
+        encoder, projector = (self.encoder, self.projector) if branch is None else (branch["encoder"], branch["projector"])
+        levels = [f for f in encoder(x) if f.shape[1] > 0]
+        return projector(levels[-1].mean(dim=(2, 3)))
+
+    @torch.no_grad()
+    def update_target(self) -> None:
+        """BYOL: ``target <- decay * target + (1 - decay) * online`` (weights; buffers copied)."""
+        if self.target is None or self.target_decay is None:
+            return
+        online = nn.ModuleDict({"encoder": self.encoder, "projector": self.projector})
+        for t, o in zip(self.target.parameters(), online.parameters()):
+            t.lerp_(o.detach(), 1 - self.target_decay)
+        for t, o in zip(self.target.buffers(), online.buffers()):
+            t.copy_(o)
 
     def forward(self, view_a: torch.Tensor, view_b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Symmetric SimSiam loss and both projections."""
+        """Symmetric SimSiam (or BYOL) loss and both online projections."""
         z_a, z_b = self.project(view_a), self.project(view_b)
         p_a, p_b = self.predictor(z_a), self.predictor(z_b)
-        loss = 0.5 * negative_cosine(p_a, z_b) + 0.5 * negative_cosine(p_b, z_a)
+        t_a, t_b = z_a, z_b
+        if self.target is not None:
+            with torch.no_grad():
+                t_a, t_b = self.project(view_a, self.target), self.project(view_b, self.target)
+        loss = 0.5 * negative_cosine(p_a, t_b) + 0.5 * negative_cosine(p_b, t_a)
         return loss, z_a, z_b
 
 
@@ -230,7 +260,9 @@ class SimSiamObjective(Objective):
 
     def __init__(self, model: ChangeModel, patch_size: int, config: SimSiamSection, seed: int = 0) -> None:
         self.encoders = find_encoders(model)
-        self.heads = nn.ModuleDict({n: SimSiam(enc, config.proj_dim, config.pred_hidden) for n, (enc, _) in self.encoders.items()})
+        decay = config.target_decay if config.method == "byol" else None
+        self.heads = nn.ModuleDict({n: SimSiam(enc, config.proj_dim, config.pred_hidden, decay) for n, (enc, _) in self.encoders.items()})
+        self.name = config.method
         stride = max(getattr(enc, "output_stride", 1) for enc, _ in self.encoders.values())
         self.augment = ViewAugment(int(math.ceil(patch_size / stride) * stride), config.min_scale)
         self.generator = torch.Generator().manual_seed(seed)
@@ -242,10 +274,11 @@ class SimSiamObjective(Objective):
         self.heads.to(device).train()
 
     def param_groups(self, model: ChangeModel) -> list[dict[str, Any]]:
-        """Encoders and projectors, then the predictors (``fixed_lr``)."""
+        """Encoders and projectors, then the predictors (``fixed_lr``); never BYOL's targets."""
         predictor = [p for head in self.heads.values() for p in head.predictor.parameters()]
         ids = {id(p) for p in predictor}
-        return [{"params": [p for p in self.heads.parameters() if id(p) not in ids]}, {"params": predictor, "fixed_lr": True}]
+        online = [p for p in self.heads.parameters() if p.requires_grad and id(p) not in ids]
+        return [{"params": online}, {"params": predictor, "fixed_lr": True}]
 
     def step(self, model: ChangeModel, batch: Batch, ctx: StepContext) -> tuple[torch.Tensor, dict[str, float]]:
         """The symmetric SimSiam loss averaged over the encoders."""
@@ -253,6 +286,7 @@ class SimSiamObjective(Objective):
         total = torch.zeros((), device=ctx.device)
         with ctx.autocast():
             for name, (_, encodes) in self.encoders.items():
+                self.heads[name].update_target()
                 x = torch.cat([dates[d] for d in encodes])
                 loss, z_a, _ = self.heads[name](self.augment(x, self.generator), self.augment(x, self.generator))
                 total = total + loss.float() / len(self.encoders)
@@ -271,6 +305,9 @@ class SimSiamObjective(Objective):
     def state_dict(self) -> dict[str, Any]:
         """Projector and predictor weights, and the view generator."""
         heads = {n: {"projector": h.projector.state_dict(), "predictor": h.predictor.state_dict()} for n, h in self.heads.items()}
+        for n, h in self.heads.items():
+            if h.target is not None:
+                heads[n]["target"] = h.target.state_dict()
         return {"heads": heads, "generator": self.generator.get_state()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -278,6 +315,8 @@ class SimSiamObjective(Objective):
         for name, head in self.heads.items():
             head.projector.load_state_dict(state["heads"][name]["projector"])
             head.predictor.load_state_dict(state["heads"][name]["predictor"])
+            if head.target is not None:
+                head.target.load_state_dict(state["heads"][name]["target"])
         self.generator.set_state(state["generator"])
 
 
@@ -343,7 +382,8 @@ def pretrain_simsiam(
     result = SimSiamResult(None, history, objective.healthy_std)
     if out_path is not None:
         meta["pretraining"] = {
-            "method": "simsiam",
+            "method": config.method,
+            **({"target_decay": config.target_decay} if config.method == "byol" else {}),
             "epochs": config.epochs,
             "batch_size": config.batch_size,
             "proj_dim": config.proj_dim,

@@ -1,7 +1,12 @@
-"""Stage ``robustness``: F1 under FGSM/PGD attacks per budget ε (1/255 reflectance) and mode.
+"""Stage ``robustness``: F1 under attacks per budget ε (1/255 reflectance), method and mode.
 
 Settings: the clean evaluation once (``method = mode = clean``, ε = 0), then every method × mode ×
-ε > 0 (:func:`~changedet.evaluation.adversarial.evaluate_attack`). Optional preparation:
+ε > 0 (:func:`~changedet.evaluation.adversarial.evaluate_attack`); the iterative white-box methods
+(``pgd``, ``apgd-ce``, ``apgd-margin``) once per ``steps`` × ``restarts``, the black-box ``square``
+with ``queries`` queries. The report's **sanity table** checks, per checkpoint, mode and ε, that
+robust F1 never rises with more steps or restarts of a method, and that the black-box attack does not
+beat the best white-box one by more than :data:`NOISE` (if it does, the white-box attacks are weak
+or the model masks its gradients, and its robust figures are not to be trusted). Optional preparation:
 ``--adv-finetune OUT.safetensors`` PGD-fine-tunes the first checkpoint on its training scenes
 (:func:`~changedet.evaluation.defence.finetune_checkpoint`) and evaluates it next to the others.
 Report: F1 per (checkpoint, method, mode) and ε, and ``f1_vs_eps.png`` (one panel per checkpoint,
@@ -25,8 +30,12 @@ from changedet.evaluation.stages import CLEAN, EvaluationConfig, Stage, register
 from changedet.metrics import ValidationResult
 from changedet.pipeline.validation import evaluate_scenes
 
-#: checkpoint -> (method, mode) -> ε -> report row
+#: checkpoint -> (attack label, mode) -> ε -> report row
 Series = dict[str, dict[tuple[str, str], dict[float, dict[str, Any]]]]
+#: methods run once per steps × restarts
+ITERATIVE = ("pgd", "apgd-ce", "apgd-margin")
+#: F1 differences within this are noise in the sanity table (pooled F1 of one evaluation)
+NOISE = 0.01
 
 
 class RobustnessConfig(EvaluationConfig):
@@ -35,10 +44,12 @@ class RobustnessConfig(EvaluationConfig):
     stage: Literal["robustness"] = "robustness"
     eps: list[float] = Field(default_factory=lambda: [0, 1, 2, 4, 8], description="L-inf budgets in 1/255 reflectance units")
     modes: list[str] = Field(default_factory=lambda: list(MODES), description="t1,t2,both (untargeted), hide, fake")
-    methods: list[str] = Field(default_factory=lambda: list(METHODS), description="fgsm,pgd")
-    steps: int = Field(10, ge=1, description="PGD steps")
+    methods: list[str] = Field(default_factory=lambda: ["fgsm", "pgd"], description=", ".join(METHODS))
+    steps: list[int] = Field(default_factory=lambda: [10], description="steps of pgd/apgd (each value a setting)")
+    restarts: list[int] = Field(default_factory=lambda: [1], description="restarts of pgd/apgd, best kept per tile (each value a setting)")
+    queries: int = Field(500, ge=1, description="queries of the square attack")
     step_size: float | None = Field(None, gt=0, description="PGD step in 1/255 units, 2.5 eps / steps if not given")
-    random_start: bool = Field(False, description="PGD from a random point of the eps-ball")
+    random_start: bool = Field(False, description="PGD/APGD from a random point of the eps-ball")
     # preparation only: not part of the evaluated configuration (report.json) once done
     adv_finetune: str | None = Field(
         None, exclude=True, json_schema_extra={"metavar": "OUT.safetensors"},
@@ -53,24 +64,71 @@ class RobustnessConfig(EvaluationConfig):
             raise ValueError(f"budgets must be finite and >= 0 (1/255 reflectance units), got {eps}")
         return eps
 
+    @field_validator("steps", "restarts")
+    @classmethod
+    def _counts(cls, values: list[int]) -> list[int]:
+        if not values or any(v < 1 for v in values):
+            raise ValueError(f"must be integers >= 1, got {values}")
+        return sorted(set(values))
+
 
 def _attack(cfg: RobustnessConfig, setting: dict[str, Any]) -> Attack:
     step = cfg.step_size / 255 if cfg.step_size else None
-    return Attack(setting["method"], setting["eps_255"] / 255, setting["mode"], cfg.steps, step, cfg.random_start, cfg.seed)
+    return Attack(setting["method"], setting["eps_255"] / 255, setting["mode"], setting["steps"], step, cfg.random_start,
+                  cfg.seed, setting["restarts"], cfg.queries)  # fmt: skip
+
+
+def _label(row: dict[str, Any]) -> str:
+    """``pgd 10×1`` (steps × restarts), ``square 500q``, ``fgsm``."""
+    if row["method"] in ITERATIVE:
+        return f"{row['method']} {row['steps']}×{row['restarts']}"
+    return f"square {row['steps']}q" if row["method"] == "square" else row["method"]
 
 
 def _series(report: dict[str, Any]) -> Series:
-    """checkpoint -> (method, mode) -> ε -> row; the clean row stands at ε = 0 of every series."""
-    cfg = report["config"]
+    """checkpoint -> (attack label, mode) -> ε -> row; the clean row stands at ε = 0 of every series."""
     out: Series = {}
     for ckpt in report["checkpoints"]:
         rows = [r for r in report["rows"] if r["checkpoint"] == ckpt]
         clean = next(r for r in rows if r["method"] == CLEAN)
-        series = {(m, mode): {0.0: clean} for m in cfg["methods"] for mode in cfg["modes"]}
+        series: dict[tuple[str, str], dict[float, dict[str, Any]]] = {}
         for r in rows:
             if r["method"] != CLEAN:
-                series[(r["method"], r["mode"])][r["eps_255"]] = r
+                series.setdefault((_label(r), r["mode"]), {0.0: clean})[r["eps_255"]] = r
         out[ckpt] = series
+    return out
+
+
+def sanity_rows(report: dict[str, Any]) -> list[list[str]]:
+    """Per checkpoint, mode and ε > 0: the largest F1 rise with more steps and with more restarts
+    (same method), the best white-box attack, the square attack, and a verdict."""
+    out = []
+    for ckpt in report["checkpoints"]:
+        rows = [r for r in report["rows"] if r["checkpoint"] == ckpt and r["method"] != CLEAN and r.get("f1") is not None]
+        for mode, eps in sorted({(r["mode"], r["eps_255"]) for r in rows}):
+            here = [r for r in rows if r["mode"] == mode and r["eps_255"] == eps]
+            rises = {"steps": [], "restarts": []}
+            for a in here:
+                for b in here:
+                    if a["method"] == b["method"] in ITERATIVE:
+                        more_steps = b["steps"] > a["steps"] and b["restarts"] == a["restarts"]
+                        more_restarts = b["restarts"] > a["restarts"] and b["steps"] == a["steps"]
+                        for key, more in (("steps", more_steps), ("restarts", more_restarts)):
+                            if more:
+                                rises[key].append(b["f1"] - a["f1"])
+            white = [r for r in here if r["method"] != "square"]
+            black = [r for r in here if r["method"] == "square"]
+            best = min(white, key=lambda r: r["f1"]) if white else None
+            verdict = [f"F1 rises with more {k} (+{max(v):.4f})" for k, v in rises.items() if v and max(v) > NOISE]
+            if best and black and black[0]["f1"] < best["f1"] - NOISE:
+                verdict.append(f"black-box beats white-box by {best['f1'] - black[0]['f1']:.4f}: gradient masking or a weak white-box attack")
+            out.append([
+                ckpt, mode, f"{eps:g}",
+                *(f"{max(v):+.4f}" if v else "–" for v in rises.values()),
+                f"{_label(best)}: {best['f1']:.4f}" if best else "–",
+                format_metric(black[0]["f1"]) if black else "–",
+                "; ".join(verdict) or "ok",
+            ])  # fmt: skip
     return out
 
 
@@ -79,7 +137,7 @@ class Robustness(Stage[RobustnessConfig]):
     """FGSM/PGD attacks per budget and mode, optionally after PGD adversarial fine-tuning."""
 
     config = RobustnessConfig
-    help = "F1 under FGSM/PGD attacks per budget and mode (optionally after PGD fine-tuning)"
+    help = "F1 under FGSM/PGD/APGD/Square attacks per budget and mode, with a sanity table (optionally after PGD fine-tuning)"
     plot_name = "f1_vs_eps.png"
     xlabel = "ε (1/255 reflectance)"
 
@@ -91,10 +149,14 @@ class Robustness(Stage[RobustnessConfig]):
         return cfg.model_copy(update={"checkpoints": [*cfg.checkpoints, cfg.adv_finetune], "adv_finetune": None})
 
     def settings(self, cfg: RobustnessConfig) -> list[dict[str, Any]]:
-        """The clean setting, then method × mode × ε > 0."""
+        """The clean setting, then method (× steps × restarts) × mode × ε > 0."""
         cfg.check_known(modes=MODES, methods=METHODS)
-        out = [{"method": CLEAN, "mode": CLEAN, "eps_255": 0.0}]
-        return out + [{"method": m, "mode": mode, "eps_255": float(e)} for m in cfg.methods for mode in cfg.modes for e in cfg.eps if e > 0]
+        out = [{"method": CLEAN, "mode": CLEAN, "eps_255": 0.0, "steps": 0, "restarts": 0}]
+        for m in cfg.methods:
+            runs = [(s, r) for s in cfg.steps for r in cfg.restarts] if m in ITERATIVE else [(cfg.queries if m == "square" else 1, 1)]
+            out += [{"method": m, "mode": mode, "eps_255": float(e), "steps": s, "restarts": r}
+                    for s, r in runs for mode in cfg.modes for e in cfg.eps if e > 0]  # fmt: skip
+        return out
 
     def evaluate(self, cfg: RobustnessConfig, loaded: LoadedModel, scene: ChangeScene, setting: dict[str, Any]) -> ValidationResult:
         """The scene attacked under ``setting`` (clean: as it is)."""
@@ -104,19 +166,23 @@ class Robustness(Stage[RobustnessConfig]):
         return evaluate_attack(loaded.model, [scene], loaded.normalization, scene_sensor(scene), attack, **cfg.prediction())
 
     def markdown(self, report: dict[str, Any]) -> list[str]:
-        """F1 per (method, mode) and ε, one table per checkpoint."""
+        """F1 per (attack, mode) and ε, one table per checkpoint, then the sanity table."""
         cfg = report["config"]
         eps = sorted({0.0, *(float(e) for e in cfg["eps"])})
-        steps = f"PGD {cfg['steps']} steps" + (", random start" if cfg["random_start"] else "")
-        parts = [f"F1 (pooled) per ε in 1/255 reflectance units; {steps}.\n"]
+        start = ", random start" if cfg["random_start"] else ""
+        parts = [f"F1 (pooled) per ε in 1/255 reflectance units; iterative attacks as `method steps×restarts`{start}, "
+                 f"square with its query budget.\n"]  # fmt: skip
         for ckpt, series in _series(report).items():
             rows = [[m, mode] + [format_metric(s.get(e, {}).get("f1")) for e in eps] for (m, mode), s in series.items()]
-            parts.append(f"## {ckpt}\n\n" + markdown_table(["method", "mode"] + [f"ε={e:g}" for e in eps], rows) + "\n")
+            parts.append(f"## {ckpt}\n\n" + markdown_table(["attack", "mode"] + [f"ε={e:g}" for e in eps], rows) + "\n")
+        header = ["checkpoint", "mode", "ε", "F1 rise, more steps", "F1 rise, more restarts", "best white-box", "square", "verdict"]
+        parts.append(f"## Sanity\n\nRises above {NOISE} and a black-box attack stronger than every white-box one "
+                     "mark robust figures that cannot be trusted.\n\n" + markdown_table(header, sanity_rows(report)) + "\n")  # fmt: skip
         return parts
 
     def panels(self, report: dict[str, Any]) -> list[Panel]:
-        """One panel per checkpoint, one line per method/mode (FGSM dashed)."""
+        """One panel per checkpoint, one line per attack/mode (FGSM and square dashed)."""
         return [
-            Panel(ckpt, [Line(f"{m} {mode}", s, dashed=m == "fgsm") for (m, mode), s in series.items()])
+            Panel(ckpt, [Line(f"{m} {mode}", s, dashed=m.startswith(("fgsm", "square"))) for (m, mode), s in series.items()])
             for ckpt, series in _series(report).items()
         ]
