@@ -38,7 +38,7 @@ from changedet.pipeline.detect import (
     remove_tile_store,
     write_outputs,
 )
-from changedet.pipeline.output_table import OUTPUT_NAMES, QUICKLOOK
+from changedet.pipeline.output_table import QUICKLOOK, output_names
 from changedet.pipeline.params import DEFAULT_MODEL, DetectParams
 from changedet.errors import ChangeDetError
 from changedet.failures import ErrorLineParser, command_main
@@ -157,13 +157,13 @@ def report(summary: dict[str, Any], params: DetectFlowParams) -> None:
 def detect_pair(params: DetectFlowParams) -> dict[str, Any]:
     """Detect changes between ``params.t1`` and ``params.t2`` into ``params.out``."""
     started = time.perf_counter()
-    check_out_dir(params.out, (params.t1, params.t2), OUTPUT_NAMES)
+    check_out_dir(params.out, (params.t1, params.t2), output_names(params.smoothing_sigma is not None))
     key = fingerprint(params)
     if outputs_current(params.out, key):
         print(f"{params.out} is up to date for fingerprint {key}: nothing to do")
         return {"fingerprint": key, "skipped": True}
     with OutputLock(params.out):
-        OutputStaging.check(params.out, OUTPUT_NAMES, params.overwrite)  # refuse before predicting anything
+        OutputStaging.check(params.out, output_names(params.smoothing_sigma is not None), params.overwrite)  # refuse before predicting anything
         run_plan = plan(params, key)
         for line in run_plan.warnings:
             print(f"warning: {line}")

@@ -63,6 +63,21 @@ def test_flow_on_embedded_dask_matches_the_cli_run(prefect_api, pair, reference,
     assert "ha in" in artifact.data
 
 
+def test_flow_runs_randomized_smoothing_on_dask_like_the_cli(prefect_api, pair, tmp_path):
+    from flows.detect import DetectFlowParams, detect_pair, task_runner
+
+    from changedet.pipeline.output_table import CERTIFIED_RADIUS
+
+    smoothing = {"model": "cva", "tile": 64, "overlap": 16, "batch_size": 4, "smoothing_sigma": 1.0, "smoothing_samples": 30}
+    cli = tmp_path / "cli"
+    detect_changes(pair.t1, pair.t2, cli, DetectParams(**smoothing))
+    out = tmp_path / "flow"
+    params = DetectFlowParams(t1=str(pair.t1), t2=str(pair.t2), out=str(out), name="smoothed", **smoothing)
+    detect_pair.with_options(task_runner=task_runner(workers=2))(params)
+    for name in (*RASTERS, CERTIFIED_RADIUS):
+        assert (out / name).read_bytes() == (cli / name).read_bytes(), name
+
+
 def _start(cmd: list[str], env: dict[str, str]) -> subprocess.Popen:
     return subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
 

@@ -59,10 +59,13 @@ def write_probability_style(path: str | Path, threshold: float, nodata: float) -
     return _write(root, path)
 
 
-def write_mask_style(path: str | Path, nodata: int) -> Path:
-    """QGIS style for ``change_mask.tif``: 1 red "change", 0 transparent "no change", nodata hidden."""
+def write_mask_style(path: str | Path, nodata: int, abstain: int | None = None) -> Path:
+    """QGIS style for ``change_mask.tif``: 1 red "change", 0 transparent "no change", nodata hidden;
+    with ``abstain`` (randomized smoothing), that value grey "abstain (not certified)"."""
     root, renderer = _layer("paletted", 1, [float(nodata)])
     palette = ET.SubElement(renderer, "colorPalette")
     ET.SubElement(palette, "paletteEntry", value="0", color="#000000", alpha="0", label="no change")
     ET.SubElement(palette, "paletteEntry", value="1", color=CHANGE_COLOR, alpha="255", label="change")
+    if abstain is not None:
+        ET.SubElement(palette, "paletteEntry", value=str(abstain), color="#9e9e9e", alpha="200", label="abstain (not certified)")
     return _write(root, path)

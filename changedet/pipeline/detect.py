@@ -32,7 +32,7 @@ from changedet.io.outdir import OutputLock, check_out_dir
 from changedet.io.writers import OutputStaging
 from changedet.pipeline.outputs import (  # noqa: F401 - the output table, re-exported for callers of changedet.pipeline.detect
     DIFFERENCE, FLOAT_NODATA, MASK, MASK_NODATA, OUTPUT_NAMES, POLYGONS, PROBABILITY, PROBABILITY_STYLE, MASK_STYLE,
-    QUICKLOOK, RUN_JSON, peak_rss_mb, write_outputs,
+    QUICKLOOK, RUN_JSON, output_names, peak_rss_mb, write_outputs,
 )
 from changedet.pipeline.planning import (  # noqa: F401 - planning API, re-exported
     DetectParams, RunPlan, content_fingerprint, input_fingerprint, open_inputs, open_tile_store, plan_layout, plan_run,
@@ -62,7 +62,7 @@ def _worker_state(plan: RunPlan, store_root: str | Path) -> tuple[PairReader, Sc
         if predictor is None:
             predictor = TilePredictor.of_params(plan.spec, (plan.pair.t1.count, plan.pair.t2.count), plan.params)
             predictor.load_scene_fit(plan.scene_fit)
-        runner = predictor.runner(plan.params.tiling, plan.params.batch_size)
+        runner = predictor.runner(plan.params.tiling, plan.params.batch_size, plan.smoothing)
         _WORKER.state = (key, PairReader(plan.pair).__enter__(), runner, open_tile_store(plan, store_root))
     return _WORKER.state[1:]
 
@@ -123,11 +123,12 @@ def detect_changes(
     """
     params = params or DetectParams()
     start = time.perf_counter()
-    check_out_dir(out_dir, (t1, t2), OUTPUT_NAMES)
+    names = output_names(params.smoothing_sigma is not None)
+    check_out_dir(out_dir, (t1, t2), names)
     out_dir = Path(out_dir).absolute()  # every writer (GDAL, SQLite) sees the same path: no "~" expansion
     plan = plan_run(t1, t2, params)
     with OutputLock(out_dir):
-        OutputStaging.check(out_dir, OUTPUT_NAMES, overwrite)
+        OutputStaging.check(out_dir, names, overwrite)
         if on_planned:
             on_planned(plan)
         store_root = Path(out_dir) / TILE_STORE_DIR

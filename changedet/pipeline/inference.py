@@ -34,6 +34,7 @@ from changedet.models import ChangeModel
 from changedet.models.output import ChangeOutput
 from changedet.normalization import Normalization, PairRead
 from changedet.pipeline.mosaic import StreamingMosaic
+from changedet.pipeline.smoothing import Smoothing
 from changedet.pipeline.tiling import DEFAULT_BATCH_SIZE, Tile, Tiling
 
 CPU_PIXELS_PER_CALL = 1 << 17  # see SceneRunner._calls
@@ -79,6 +80,8 @@ class SceneRunner:
         device: where the model runs.
         amp: CUDA autocast (ignored on the CPU).
         transform: input transform applied to the raw tiles of every batch.
+        smoothing: randomized smoothing (:mod:`changedet.pipeline.smoothing`): :meth:`predict` returns the
+            vote fraction of ``smoothing.samples`` noisy passes and their mean difference.
     """
 
     def __init__(
@@ -90,6 +93,7 @@ class SceneRunner:
         device: torch.device | str = "cpu",
         amp: bool = False,
         transform: InputTransform | None = None,
+        smoothing: Smoothing | None = None,
     ) -> None:
         self.model = model
         self.normalization = normalization
@@ -98,6 +102,7 @@ class SceneRunner:
         self.device = torch.device(device)
         self.amp = amp and self.device.type == "cuda"
         self.transform = transform
+        self.smoothing = smoothing
         self.model_seconds = 0.0
 
     def tensors(self, batch: TileBatch) -> tuple[torch.Tensor, torch.Tensor]:
@@ -128,10 +133,25 @@ class SceneRunner:
 
     def predict(self, batch: TileBatch) -> tuple[np.ndarray, np.ndarray]:
         """Change probability and difference ``(B, h, w)`` float32 of one batch (NaN for a batch
-        without any valid pixel; values outside ``valid`` are not meaningful)."""
+        without any valid pixel; values outside ``valid`` are not meaningful). With smoothing: the
+        fraction of noisy passes above the threshold, and the mean difference."""
         if not batch.valid.any():
             empty = np.full(batch.valid.shape, np.nan, np.float32)
             return empty, empty.copy()
+        if self.smoothing is None:
+            return self._probabilities(batch)
+        smoothing = self.smoothing
+        generator = smoothing.generator(batch.tiles[0].index if batch.tiles else 0)
+        votes = np.zeros(batch.valid.shape, np.int32)
+        diff_sum = np.zeros(batch.valid.shape, np.float64)
+        for _ in range(smoothing.samples):
+            x1, x2 = (smoothing.noisy(x, batch.valid, generator) for x in (batch.x1, batch.x2))
+            prob, diff = self._probabilities(TileBatch(batch.tiles, x1, x2, batch.valid, batch.label))
+            votes += prob >= smoothing.threshold
+            diff_sum += diff
+        return (votes / smoothing.samples).astype(np.float32), (diff_sum / smoothing.samples).astype(np.float32)
+
+    def _probabilities(self, batch: TileBatch) -> tuple[np.ndarray, np.ndarray]:
         z1, z2 = self.tensors(batch)
         start = time.perf_counter()
         outs = self._forward(z1, z2)

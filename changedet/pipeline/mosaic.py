@@ -10,7 +10,7 @@ from typing import Callable, Iterable
 
 import numpy as np
 
-from changedet.pipeline.tiling import BLEND_MODES, Tile, Tiling
+from changedet.pipeline.tiling import BLEND_MODES, Tile, Tiling, tile_offsets
 
 
 def _ramp(length: int, overlap: int, ramp_start: bool, ramp_end: bool) -> np.ndarray:
@@ -26,16 +26,33 @@ def _ramp(length: int, overlap: int, ramp_start: bool, ramp_end: bool) -> np.nda
     return weights
 
 
+def _owned(size: int, offset: int, length: int, overlap: int) -> np.ndarray:
+    """1-D: 1 where the tile at ``offset`` has the nearest centre among the plan's tiles of this axis."""
+    offsets = tile_offsets(size, length, overlap)
+    k = offsets.index(offset)
+    start = 0 if k == 0 else (offsets[k - 1] + offset + length) // 2
+    end = size if k == len(offsets) - 1 else (offset + offsets[k + 1] + length) // 2
+    owned = np.zeros(length, bool)
+    owned[start - offset : end - offset] = True
+    return owned
+
+
 def blend_weights(tile: Tile, grid_shape: tuple[int, int], overlap: int, mode: str = "cosine") -> np.ndarray:
-    """Per-pixel weights ``(h, w)`` of a tile; strictly positive everywhere.
+    """Per-pixel weights ``(h, w)`` of a tile of :func:`~changedet.pipeline.tiling.plan_tiles`.
 
     ``cosine`` ramps the weight down towards tile sides that border another tile (not the scene
-    border), so seams vanish; ``mean`` weights all pixels 1 (plain average of overlaps).
+    border), so seams vanish; ``mean`` weights all pixels 1 (plain average of overlaps); both are
+    strictly positive. ``owner`` is 1 on the pixels whose nearest tile centre is this tile's and 0
+    elsewhere: every pixel comes from exactly one tile (what randomized smoothing's votes need).
     """
     if mode not in BLEND_MODES:
         raise ValueError(f"unknown blend mode {mode!r}; choose one of {BLEND_MODES}")
     if mode == "mean":
         return np.ones((tile.height, tile.width), np.float64)
+    if mode == "owner":
+        rows = _owned(grid_shape[0], tile.row_off, tile.height, overlap)
+        cols = _owned(grid_shape[1], tile.col_off, tile.width, overlap)
+        return np.outer(rows, cols).astype(np.float64)
     height, width = grid_shape
     wy = _ramp(tile.height, overlap, tile.row_off > 0, tile.row_off + tile.height < height)
     wx = _ramp(tile.width, overlap, tile.col_off > 0, tile.col_off + tile.width < width)

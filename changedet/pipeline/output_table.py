@@ -49,6 +49,7 @@ POLYGONS = "changes.gpkg"
 PROBABILITY_STYLE = "change_probability.qml"
 MASK_STYLE = "change_mask.qml"
 QUICKLOOK = "quicklook.png"
+CERTIFIED_RADIUS = "certified_radius.tif"
 RUN_JSON = "run.json"
 
 OUTPUTS: dict[str, Output] = {o.name: o for o in (
@@ -60,8 +61,21 @@ OUTPUTS: dict[str, Output] = {o.name: o for o in (
     Output(MASK_STYLE, "style", "QGIS style: change in red, no change transparent", "styles"),
     Output(QUICKLOOK, "image", "thumbnail of the probability", "quicklook"),
     Output(RUN_JSON, "metadata", "inputs, grid, model, parameters, counts, timings, versions", "summary"),
+    Output(CERTIFIED_RADIUS, "raster", "with --smoothing-sigma: certified L2 radius per pixel (1/255 reflectance; 0 where the "
+           "mask abstains)", "mosaic", "float32", FLOAT_NODATA, default=False),
 )}  # fmt: skip
 
 #: every file a run writes, in the order they are listed in ``run.json``
 OUTPUT_NAMES = [o.name for o in OUTPUTS.values() if o.default]
-RASTERS = [o for o in OUTPUTS.values() if o.kind == "raster"]
+#: the rasters of every run
+RASTERS = [o for o in OUTPUTS.values() if o.kind == "raster" and o.default]
+
+
+def output_names(smoothing: bool = False) -> list[str]:
+    """The files a run writes: :data:`OUTPUT_NAMES`, plus ``certified_radius.tif`` with randomized smoothing."""
+    return OUTPUT_NAMES + ([CERTIFIED_RADIUS] if smoothing else [])
+
+
+def run_rasters(smoothing: bool = False) -> list[Output]:
+    """The rasters a run writes."""
+    return RASTERS + ([OUTPUTS[CERTIFIED_RADIUS]] if smoothing else [])

@@ -31,9 +31,10 @@ from changedet.io.writers import BlockRasterWriter, OutputStaging, write_cog, wr
 from changedet.metrics import ProbabilityHistogram
 from changedet.pipeline.mosaic import StreamingMosaic
 from changedet.pipeline.output_table import (  # noqa: F401 - the output table, re-exported for writers' callers
-    DIFFERENCE, FLOAT_NODATA, MASK, MASK_NODATA, MASK_STYLE, OUTPUT_NAMES, POLYGONS, PROBABILITY, PROBABILITY_STYLE,
-    QUICKLOOK, RASTERS, RUN_JSON,
+    CERTIFIED_RADIUS, DIFFERENCE, FLOAT_NODATA, MASK, MASK_NODATA, MASK_STYLE, OUTPUT_NAMES, POLYGONS, PROBABILITY,
+    PROBABILITY_STYLE, QUICKLOOK, RASTERS, RUN_JSON, output_names, run_rasters,
 )
+from changedet.pipeline.smoothing import ABSTAIN
 from changedet.pipeline.planning import RunPlan, open_tile_store
 from changedet.pipeline.postprocess import drop_small_regions, scene_threshold
 from changedet.pipeline.tilestore import TileStore
@@ -76,16 +77,24 @@ def _drop_small_regions(path: Path, min_pixels: int) -> dict[str, int]:
 
 
 def _mosaic_to_scratch(plan: RunPlan, store: TileStore, paths: dict[str, Path], threshold: float) -> dict[str, int]:
-    grid = plan.pair.grid
-    writers = {o.name: BlockRasterWriter(paths[o.name], grid, o.dtype, o.nodata) for o in RASTERS}
+    grid, smoothing = plan.pair.grid, plan.smoothing
+    writers = {o.name: BlockRasterWriter(paths[o.name], grid, o.dtype, o.nodata) for o in run_rasters(smoothing is not None)}
     counts = {"valid_pixels": 0, "changed_pixels": 0, "tiles": len(plan.tiles), "skipped_tiles": 0}
+    if smoothing is not None:
+        counts["abstained_pixels"] = 0
 
     def sink(row_off: int, values: np.ndarray, valid: np.ndarray) -> None:
         prob, diff = values
-        changed = valid & (prob >= threshold)
+        if smoothing is None:
+            mask = (prob >= threshold).astype(np.uint8)
+        else:  # the vote fraction: certified majority or abstain
+            mask, radius = smoothing.certify(prob)
+            writers[CERTIFIED_RADIUS].write_rows(row_off, np.where(valid, radius, FLOAT_NODATA))
+            counts["abstained_pixels"] += int((valid & (mask == ABSTAIN)).sum())
+        changed = valid & (mask == 1)
         writers[PROBABILITY].write_rows(row_off, np.where(valid, prob, FLOAT_NODATA))
         writers[DIFFERENCE].write_rows(row_off, np.where(valid, diff, FLOAT_NODATA))
-        writers[MASK].write_rows(row_off, np.where(valid, changed, MASK_NODATA).astype(np.uint8))
+        writers[MASK].write_rows(row_off, np.where(valid, mask, MASK_NODATA).astype(np.uint8))
         counts["valid_pixels"] += int(valid.sum())
         counts["changed_pixels"] += int(changed.sum())
 
@@ -166,10 +175,12 @@ def write_outputs(
     missing = len(plan.tiles) - len(store.done())
     if missing:
         raise ChangeDetError(f"{missing} tiles have no prediction yet in {store.path}")
-    with OutputStaging(out_dir, OUTPUT_NAMES, overwrite) as staging:
+    smoothed = plan.smoothing is not None
+    names = output_names(smoothed)
+    with OutputStaging(out_dir, names, overwrite) as staging:
         start = time.perf_counter()
-        scratch = {o.name: staging.path(f"scratch_{o.name}") for o in RASTERS}
-        threshold = _scene_threshold(plan, store)
+        scratch = {o.name: staging.path(f"scratch_{o.name}") for o in run_rasters(smoothed)}
+        threshold = 0.5 if smoothed else _scene_threshold(plan, store)  # smoothed: the majority of the votes
         counts = {**_mosaic_to_scratch(plan, store, scratch, threshold), **(extra_counts or {})}
         if (plan.params.min_region or 0) > 1:
             counts.update(_drop_small_regions(scratch[MASK], plan.params.min_region))
@@ -178,9 +189,11 @@ def write_outputs(
         write_cog(scratch[PROBABILITY], staging.path(PROBABILITY), "average")
         write_cog(scratch[DIFFERENCE], staging.path(DIFFERENCE), "average")
         write_cog(scratch[MASK], staging.path(MASK), "nearest")
+        if smoothed:
+            write_cog(scratch[CERTIFIED_RADIUS], staging.path(CERTIFIED_RADIUS), "min")  # overviews never overstate a radius
         timings["cog_s"] = time.perf_counter() - start
         write_probability_style(staging.path(PROBABILITY_STYLE), threshold, FLOAT_NODATA)
-        write_mask_style(staging.path(MASK_STYLE), MASK_NODATA)
+        write_mask_style(staging.path(MASK_STYLE), MASK_NODATA, ABSTAIN if smoothed else None)
         changes = _polygons(staging, timings)
         write_quicklook(staging.path(PROBABILITY), staging.path(QUICKLOOK))
         if started is not None:
@@ -195,8 +208,9 @@ def write_outputs(
             "warnings": plan.warnings,
             "counts": counts,
             "changes": changes,
-            "outputs": {name: name for name in OUTPUT_NAMES},
-            "nodata": {o.name: o.nodata for o in RASTERS},
+            **({"smoothing": plan.smoothing.describe()} if smoothed else {}),
+            "outputs": {name: name for name in names},
+            "nodata": {o.name: o.nodata for o in run_rasters(smoothed)},
             "timings": {k: round(v, 4) for k, v in timings.items()},
             "peak_rss_mb": round(peak_rss_mb(), 1),
             "versions": _versions(),

@@ -51,7 +51,14 @@ class DetectParams(Parameters):
     bands: list[str] | None = Field(None, description="comma-separated band names, descriptions or 1-based indexes")
     nodata: float | None = Field(None, description="nodata value for inputs that declare none")
     resampling: Literal[RESAMPLING_CHOICES] = Field("bilinear", description="resampling for bands not on the common grid")  # type: ignore[valid-type]
-    blend: Literal[BLEND_MODES] = Field("cosine", description="blending of overlapping tiles")  # type: ignore[valid-type]
+    blend: Literal[BLEND_MODES] = Field("cosine", description="blending of overlapping tiles: cosine ramps, mean, or owner (each "  # type: ignore[valid-type]
+                                        "pixel from the tile whose centre is nearest; the default with --smoothing-sigma)")
+    smoothing_sigma: float | None = Field(None, gt=0.0, description="randomized smoothing: Gaussian noise of this std (1/255 "
+                                          "reflectance) on both dates; the mask abstains (2) where the majority is not certain "
+                                          "and certified_radius.tif holds each pixel's certified L2 radius (1/255 reflectance)")
+    smoothing_samples: int = Field(100, ge=2, description="noisy passes per tile with --smoothing-sigma (the model time grows as much)")
+    smoothing_alpha: float = Field(0.001, gt=0.0, lt=1.0, description="with --smoothing-sigma: probability that any certificate "
+                                   "of the map is wrong (Bonferroni over the grid's pixels)")
     batch_size: int = Field(DEFAULT_BATCH_SIZE, ge=1, description="tiles per model call")
     device: str = Field("cpu", description="cpu, cuda or cuda:N")
     runtime: Literal[RUNTIMES] = Field("torch", description="inference engine: torch, ONNX Runtime float32, "  # type: ignore[valid-type]
@@ -61,22 +68,38 @@ class DetectParams(Parameters):
     seed: int = Field(0, description="seed of the scene sampling")
     max_pixels: int = Field(1 << 32, ge=1, description="refuse common grids larger than this many pixels (a corrupt or absurd declared size)")
 
+    @model_validator(mode="before")
+    @classmethod
+    def _smoothing_blends_by_owner(cls, values: Any) -> Any:
+        if isinstance(values, dict) and values.get("smoothing_sigma") is not None and values.get("blend") is None:
+            return {**values, "blend": "owner"}
+        return values
+
     @model_validator(mode="after")
     def _overlap_below_tile(self) -> "DetectParams":
         if self.overlap >= self.tile:
             raise ValueError(f"--overlap must be in [0, tile) = [0, {self.tile}), got {self.overlap}")
         if self.threshold is not None and self.threshold_rule == "otsu":
             raise ValueError("--threshold fixes the threshold; --threshold-rule otsu chooses one per scene: give one of them")
+        if self.smoothing_sigma is not None:
+            if self.blend != "owner":
+                raise ValueError("--smoothing-sigma certifies each pixel's votes from one tile: use --blend owner (its default)")
+            if self.threshold_rule == "otsu":
+                raise ValueError("--smoothing-sigma certifies a fixed threshold; --threshold-rule otsu chooses one from the scene")
+            if (self.min_region or 0) > 1:
+                raise ValueError("--min-region edits the mask after the vote, which voids its certificates: drop one of them")
         return self
 
     def with_test_time(self, recommended: dict[str, Any] | None) -> "DetectParams":
         """These parameters with every unset test-time field resolved: the model's ``recommended``
         setting (checkpoint metadata ``test_time``), else :data:`TEST_TIME_DEFAULTS`. A fixed
-        ``--threshold`` keeps the fixed rule."""
+        ``--threshold`` keeps the fixed rule; ``--smoothing-sigma`` the fixed rule and no region removal."""
         recommended = recommended or {}
         update = {k: recommended.get(k, default) for k, default in TEST_TIME_DEFAULTS.items() if getattr(self, k) is None}
-        if self.threshold is not None and "threshold_rule" in update:
+        if (self.threshold is not None or self.smoothing_sigma is not None) and "threshold_rule" in update:
             update["threshold_rule"] = "fixed"
+        if self.smoothing_sigma is not None and "min_region" in update:
+            update["min_region"] = 0
         return type(self)(**{**self.model_dump(), **update}) if update else self
 
     @property

@@ -29,8 +29,10 @@ from changedet.pipeline.params import DEFAULT_MODEL, DetectParams
 from changedet.io.bands import model_roles, order_for_model, order_like, scene_roles
 from changedet.io.scene import BandSource, Scene, open_scene
 from changedet.pipeline.predictor import ModelSpec, SceneFit, TilePredictor, auto_model, resolve_model
+from changedet.pipeline.smoothing import Smoothing
 from changedet.pipeline.tiling import Tile
 from changedet.pipeline.tilestore import TileStore
+from changedet.sensor import sensor_for
 
 MIN_SCENE_PIXELS = 100  # valid pixels a model needs to estimate scene statistics (CVA's Otsu, per-scene norms)
 SCALE_DECADES = 1.0  # refuse a date whose typical band level is more than 10x off the model's training data
@@ -51,6 +53,7 @@ class RunPlan:
     timings: dict[str, float] = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)
     predictor: TilePredictor | None = field(default=None, repr=False, compare=False)
+    smoothing: Smoothing | None = None
 
     def __getstate__(self) -> dict:
         """Pickled without the planning process's model: other processes build their own."""
@@ -252,6 +255,17 @@ def _plan(t1: str | Path, t2: str | Path, params: DetectParams, fingerprint: str
     _check_radiometry(pair, tiles, spec, label)
     batches = [list(range(i, min(i + params.batch_size, len(tiles)))) for i in range(0, len(tiles), params.batch_size)]
     threshold = params.threshold if params.threshold is not None else float(spec.metadata.get("threshold", 0.5))
+    smoothing = None
+    if params.smoothing_sigma is not None:
+        sensor = sensor_for(scene1.band_names, [b.dtype for b in scene1.bands])
+        smoothing = Smoothing(params.smoothing_sigma, params.smoothing_samples, params.smoothing_alpha, threshold, sensor.scale,
+                              pixels, params.seed)  # fmt: skip
+        if smoothing.max_radius <= 0:
+            needed = int(np.floor(np.log2(pixels / params.smoothing_alpha))) + 1
+            raise InputError(
+                f"--smoothing-samples {params.smoothing_samples} cannot certify any pixel of a {pixels}-pixel grid at "
+                f"--smoothing-alpha {params.smoothing_alpha:g}: give at least {needed} samples"
+            )
     timings = {"prepare_s": time.perf_counter() - start}
     start = time.perf_counter()
     if spec.per_scene_normalization:  # exact statistics of the whole scene, as in training
@@ -267,14 +281,15 @@ def _plan(t1: str | Path, t2: str | Path, params: DetectParams, fingerprint: str
     start = time.perf_counter()
     fingerprint = fingerprint or content_fingerprint(scene1, scene2, spec, params)
     timings["fingerprint_s"] = time.perf_counter() - start
-    return RunPlan(pair, tiles, batches, spec, params, threshold, predictor.scene_fit(), fingerprint, timings, predictor=predictor)
+    return RunPlan(pair, tiles, batches, spec, params, threshold, predictor.scene_fit(), fingerprint, timings, predictor=predictor,
+                   smoothing=smoothing)
 
 
 def plan_layout() -> str:
     """A digest of the changedet version and of the fields of a :class:`RunPlan` and of every value it
     holds: caches of pickled plans (the flow's plan task) key on it, so a plan pickled by other code is
     never loaded into this one."""
-    holds = (RunPlan, AlignedPair, Scene, BandSource, Grid, Tile, ModelSpec, SceneFit, Normalization)
+    holds = (RunPlan, AlignedPair, Scene, BandSource, Grid, Tile, ModelSpec, SceneFit, Normalization, Smoothing)
     layout = [changedet.__version__] + [f"{c.__qualname__}:{','.join(f.name for f in fields(c))}" for c in holds]
     layout.append(f"DetectParams:{','.join(DetectParams.model_fields)}")
     return hashlib.blake2b("|".join(layout).encode(), digest_size=6).hexdigest()

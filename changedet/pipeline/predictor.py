@@ -14,6 +14,7 @@ from changedet.checkpoint import load_state_dict, read_metadata
 from changedet.harmonization import QuantileMap, harmonized_normalization
 from changedet.normalization import PER_SCENE, Normalization
 from changedet.pipeline.inference import InputTransform, SceneRunner, TileBatch
+from changedet.pipeline.smoothing import Smoothing
 from changedet.pipeline.tiling import DEFAULT_BATCH_SIZE, Tiling
 from changedet.runtime.memory import keep_freed_memory
 from changedet.runtime.onnx import to_runtime
@@ -253,15 +254,16 @@ class TilePredictor:
                 raise ModelError(f"scene fit holds buffers the model lacks: {sorted(missing)[:3]}")
             self.model.load_state_dict({k: torch.from_numpy(np.asarray(v)) for k, v in fit.buffers.items()}, strict=False)
 
-    def runner(self, tiling: Tiling | None = None, batch_size: int = DEFAULT_BATCH_SIZE) -> SceneRunner:
-        """The scene-inference runner of this model and its normalisation (kept while they stay the same)."""
+    def runner(self, tiling: Tiling | None = None, batch_size: int = DEFAULT_BATCH_SIZE, smoothing: Smoothing | None = None) -> SceneRunner:
+        """The scene-inference runner of this model and its normalisation (kept while they stay the same),
+        with randomized ``smoothing`` if given."""
         if self.normalization is None:
             raise ModelError("TilePredictor.fit_scene (or set_normalization) must run before predicting with a model without statistics")
         tiling = tiling or Tiling()
-        key = (id(self.normalization), id(self.harmonization), tiling, batch_size)
+        key = (id(self.normalization), id(self.harmonization), tiling, batch_size, smoothing)
         if self._runner is None or self._runner_key != key:
             self._runner = SceneRunner(self.model, self.applied_normalization, tiling, batch_size, self.device,
-                                       transform=harmonize_t2(self.harmonization))
+                                       transform=harmonize_t2(self.harmonization), smoothing=smoothing)
             self._runner_key = key
         return self._runner
 

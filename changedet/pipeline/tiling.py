@@ -15,7 +15,7 @@ from changedet.errors import ChangeDetError
 DEFAULT_TILE = 256
 DEFAULT_OVERLAP = 32
 MIN_TILE = 16  # smaller tiles give most models more padding than scene
-BLEND_MODES = ("cosine", "mean")
+BLEND_MODES = ("cosine", "mean", "owner")
 DEFAULT_BATCH_SIZE = 8  # tiles read and predicted together
 
 
