@@ -107,3 +107,29 @@ def test_refused_combinations_write_nothing(runs, tmp_path, capsys, extra, reaso
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: ") and reason in err[0]
     assert not out.exists()
+
+
+def test_certified_f1_counts_uncertain_pixels_as_wrong_and_the_stage_reports_it():
+    from changedet.evaluation.stages import get_stage
+    from changedet.evaluation.stages.robustness import RobustnessConfig
+    from changedet.metrics import ProbabilityHistogram
+    from changedet.pipeline.smoothing import abstained_fraction, certified_confusion
+
+    hist = ProbabilityHistogram()
+    hist.pos[999], hist.pos[500], hist.neg[0], hist.neg[999] = 10, 5, 80, 5  # 100 pixels, 100 samples
+    s = Smoothing(sigma=1.0, samples=100, alpha=0.001, threshold=0.5, raw_per_reflectance=1.0, pixels=100)
+    top = s.max_radius  # every vote for one class: sigma * Phi^-1((alpha / 100) ** (1 / 100))
+    assert top == pytest.approx(norm.ppf((1e-5) ** 0.01))
+    sure = certified_confusion(hist, s, 0.0)
+    assert (sure.tp, sure.fp, sure.fn, sure.tn) == (10, 5, 5, 80)  # the 5 tied changes abstain: misses
+    assert certified_confusion(hist, s, top + 1e-3).tp == 0 and abstained_fraction(hist, s) == pytest.approx(0.05)
+    stage = get_stage("robustness")
+    cfg = RobustnessConfig(data="d", methods=[], smoothing_sigma=[1.0], smoothing_samples=100, radii=[0.5, 5])
+    (clean, smoothed) = stage.settings(cfg)
+    assert smoothed == {"method": "smoothing", "mode": "both", "eps_255": 0.0, "steps": 100, "restarts": 1, "sigma_255": 1.0}
+    row = stage.row_metrics(cfg, smoothed, hist)
+    assert row["certified_f1"]["0"] == pytest.approx(2 / 3) and row["certified_f1"]["5"] == 0.0 and row["abstained"] == pytest.approx(0.05)
+    report = {"checkpoints": ["m"], "config": {**cfg.model_dump(), "eps": [0]}, "rows": [
+        {"checkpoint": "m", **clean, "f1": 0.5}, {"checkpoint": "m", **smoothed, "f1": 0.6, "seconds": 3.0, **row}]}  # fmt: skip
+    text = "\n".join(stage.markdown(report))
+    assert "## Certified (randomized smoothing)" in text and "| m | 1 | 100 | 5.0 % | 0.6667 |" in text

@@ -61,8 +61,8 @@ def test_every_stage_honours_the_contract(name):
 
 def test_robustness_has_one_clean_setting_and_domain_shift_one_per_adaptation():
     rob = all_stages()["robustness"].settings(RobustnessConfig(data="d", eps=[0, 2, 0], methods=["fgsm"], modes=["t1"]))
-    assert rob == [{"method": CLEAN, "mode": CLEAN, "eps_255": 0.0, "steps": 0, "restarts": 0},
-                   {"method": "fgsm", "mode": "t1", "eps_255": 2.0, "steps": 1, "restarts": 1}]  # fmt: skip
+    assert rob == [{"method": CLEAN, "mode": CLEAN, "eps_255": 0.0, "steps": 0, "restarts": 0, "sigma_255": 0.0},
+                   {"method": "fgsm", "mode": "t1", "eps_255": 2.0, "steps": 1, "restarts": 1, "sigma_255": 0.0}]  # fmt: skip
     shift = all_stages()["domain-shift"]
     settings = shift.settings(shift.config(data="d", shifts=["blur"], severities=[0, 3], adaptations=["none", "adabn"]))
     assert [s for s in settings if s["shift"] == CLEAN] == [

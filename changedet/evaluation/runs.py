@@ -79,10 +79,13 @@ def summarize(cfg: EvaluationConfig, results: list[dict[str, Any]]) -> dict[str,
     """Pool scenes per (checkpoint, setting): rows with F1/IoU/precision/recall at the checkpoint's
     threshold, ECE and per-scene F1; plus the configuration, thresholds and total job seconds."""
     groups: dict[tuple[str, tuple], dict[str, ProbabilityHistogram]] = {}
+    seconds: dict[tuple[str, tuple], float] = {}
     for r in results:
         key = (r["checkpoint"], tuple(r["setting"].items()))
         hist = ProbabilityHistogram(len(r["pos"]), np.asarray(r["pos"], np.int64), np.asarray(r["neg"], np.int64))
         groups.setdefault(key, {})[r["scene"]] = hist
+        seconds[key] = seconds.get(key, 0.0) + r["seconds"]
+    stage = get_stage(cfg.stage)
     checkpoints = {c: cached_model(c, cfg.device) for c in cfg.checkpoints}
     rows = []
     for (ckpt, setting), per_scene in groups.items():
@@ -92,7 +95,9 @@ def summarize(cfg: EvaluationConfig, results: list[dict[str, Any]]) -> dict[str,
             "checkpoint": checkpoints[ckpt].label,
             **dict(setting),
             **_row(pooled.pooled, threshold),
+            **stage.row_metrics(cfg, dict(setting), pooled.pooled),
             "per_scene_f1": {n: m["f1"] for n, m in pooled.metrics(threshold)["per_scene"].items()},
+            "seconds": round(seconds[(ckpt, setting)], 2),
         })  # fmt: skip
     return {
         "stage": cfg.stage,

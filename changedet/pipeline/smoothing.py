@@ -29,6 +29,8 @@ import numpy as np
 import torch
 from scipy.stats import beta, norm
 
+from changedet.metrics import Confusion, ProbabilityHistogram
+
 #: mask value of pixels where the smoothed classifier abstains
 ABSTAIN = 2
 
@@ -95,3 +97,21 @@ class Smoothing:
         """``run.json``'s record of the smoothing."""
         return {"sigma_255": self.sigma, "samples": self.samples, "alpha": self.alpha, "pixel_alpha": self.pixel_alpha,
                 "threshold": self.threshold, "max_radius_255": round(self.max_radius, 6)}  # fmt: skip
+
+
+def certified_confusion(hist: ProbabilityHistogram, smoothing: Smoothing, radius: float) -> Confusion:
+    """Worst-case confusion at L2 ``radius`` of a histogram of vote fractions (``samples <= bins / 2``,
+    so every bin holds one vote count): a pixel counts as right only when its certified class is
+    right with a radius of at least ``radius``; an abstaining or less certain pixel counts as wrong
+    (a labelled change as a miss, a labelled no-change as a false alarm)."""
+    mask, radii = smoothing.certify((np.arange(hist.bins) + 0.5) / hist.bins)
+    sure = radii >= radius
+    tp, tn = int(hist.pos[(mask == 1) & sure].sum()), int(hist.neg[(mask == 0) & sure].sum())
+    return Confusion(tp, int(hist.neg.sum()) - tn, int(hist.pos.sum()) - tp, tn)
+
+
+def abstained_fraction(hist: ProbabilityHistogram, smoothing: Smoothing) -> float:
+    """Share of a vote-fraction histogram's pixels where the smoothed classifier abstains."""
+    mask, _ = smoothing.certify((np.arange(hist.bins) + 0.5) / hist.bins)
+    total = int(hist.pos.sum() + hist.neg.sum())
+    return float((hist.pos + hist.neg)[mask == ABSTAIN].sum() / max(total, 1))

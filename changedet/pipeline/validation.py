@@ -24,6 +24,7 @@ from changedet.metrics import DEFAULT_BINS, IGNORE, ProbabilityHistogram, Valida
 from changedet.models import ChangeModel
 from changedet.normalization import Normalization
 from changedet.pipeline.inference import InputTransform, SceneRunner
+from changedet.pipeline.smoothing import Smoothing
 from changedet.pipeline.tiling import DEFAULT_BATCH_SIZE, DEFAULT_OVERLAP, DEFAULT_TILE, Tiling
 
 
@@ -48,10 +49,11 @@ def scene_runner(
     device: torch.device | str = "cpu",
     amp: bool = False,
     transform: InputTransform | None = None,
+    smoothing: Smoothing | None = None,
 ) -> SceneRunner:
     """The runner of ``model`` on ``scene`` (per-scene statistics resolved on the scene itself)."""
     norm = Normalization.of(normalization).for_scene(scene.read, *scene.shape, scene.name)
-    return SceneRunner(model, norm, tiling, batch_size, device, amp, transform)
+    return SceneRunner(model, norm, tiling, batch_size, device, amp, transform, smoothing)
 
 
 def evaluate_scenes(
@@ -67,12 +69,14 @@ def evaluate_scenes(
     progress: Callable[[str], None] | None = None,
     transform: InputTransform | None = None,
     blend: str = "cosine",
+    smoothing: Smoothing | None = None,
 ) -> ValidationResult:
     """Predict every labelled scene whole and collect per-scene probability histograms.
 
     Pixels count where the data are valid on both dates and the label is known. ``transform``
     replaces the raw tiles of each batch before normalisation (an attack, a shift); it sees the
-    tiles' labels in :attr:`~changedet.pipeline.inference.TileBatch.label`.
+    tiles' labels in :attr:`~changedet.pipeline.inference.TileBatch.label`. With ``smoothing`` the
+    histograms are of the vote fractions (use ``blend="owner"``, as detect does).
     """
     tiling = Tiling(tile, overlap, blend)
     out: dict[str, ProbabilityHistogram] = {}
@@ -84,7 +88,7 @@ def evaluate_scenes(
             rows = label[row_off : row_off + prob.shape[0]]
             hist.update(np.nan_to_num(prob, nan=0.0), rows == 1, valid & (rows != IGNORE))
 
-        runner = scene_runner(model, scene, normalization, tiling, batch_size, device, amp, transform)
+        runner = scene_runner(model, scene, normalization, tiling, batch_size, device, amp, transform, smoothing)
         runner.run(scene.read, scene.shape, sink, scene.label_window if transform is not None else None)
         out[scene.name] = hist
         if progress:

@@ -29,7 +29,7 @@ if TYPE_CHECKING:
     from changedet.data.scenes import ChangeScene
     from changedet.evaluation.loading import LoadedModel
     from changedet.evaluation.tables import Panel
-    from changedet.metrics import ValidationResult
+    from changedet.metrics import ProbabilityHistogram, ValidationResult
 
 #: value of a setting's keys in the unperturbed (clean) setting
 CLEAN = "clean"
@@ -95,6 +95,10 @@ class Stage(ABC, Generic[C]):
     @abstractmethod
     def evaluate(self, cfg: C, loaded: LoadedModel, scene: ChangeScene, setting: dict[str, Any]) -> ValidationResult:
         """Probability histograms of ``scene`` under ``setting``."""
+
+    def row_metrics(self, cfg: C, setting: dict[str, Any], pooled: ProbabilityHistogram) -> dict[str, Any]:
+        """Extra fields of a setting's report row from its pooled histogram (default none)."""
+        return {}
 
     @abstractmethod
     def markdown(self, report: dict[str, Any]) -> list[str]:

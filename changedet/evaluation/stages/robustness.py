@@ -6,7 +6,11 @@ Settings: the clean evaluation once (``method = mode = clean``, ε = 0), then ev
 with ``queries`` queries. The report's **sanity table** checks, per checkpoint, mode and ε, that
 robust F1 never rises with more steps or restarts of a method, and that the black-box attack does not
 beat the best white-box one by more than :data:`NOISE` (if it does, the white-box attacks are weak
-or the model masks its gradients, and its robust figures are not to be trusted). Optional preparation:
+or the model masks its gradients, and its robust figures are not to be trusted). With
+``smoothing_sigma``, the randomized-smoothing classifier of each checkpoint (:mod:`changedet.pipeline.smoothing`,
+as ``changedet detect --smoothing-sigma`` runs it) is evaluated once per σ: its abstentions and its
+certified F1 at each radius of ``radii`` (worst case: a pixel not certified at that radius counts as
+wrong; :func:`~changedet.pipeline.smoothing.certified_confusion`), with the seconds it took. Optional preparation:
 ``--adv-finetune OUT.safetensors`` PGD-fine-tunes the first checkpoint on its training scenes
 (:func:`~changedet.evaluation.defence.finetune_checkpoint`) and evaluates it next to the others.
 Report: F1 per (checkpoint, method, mode) and ε, and ``f1_vs_eps.png`` (one panel per checkpoint,
@@ -27,7 +31,8 @@ from changedet.evaluation.loading import LoadedModel
 from changedet.evaluation.tables import Line, Panel, format_metric, markdown_table
 from changedet.evaluation.sensor import scene_sensor
 from changedet.evaluation.stages import CLEAN, EvaluationConfig, Stage, register_stage
-from changedet.metrics import ValidationResult
+from changedet.metrics import ProbabilityHistogram, ValidationResult
+from changedet.pipeline.smoothing import Smoothing, abstained_fraction, certified_confusion
 from changedet.pipeline.validation import evaluate_scenes
 
 #: checkpoint -> (attack label, mode) -> ε -> report row
@@ -36,6 +41,7 @@ Series = dict[str, dict[tuple[str, str], dict[float, dict[str, Any]]]]
 ITERATIVE = ("pgd", "apgd-ce", "apgd-margin")
 #: F1 differences within this are noise in the sanity table (pooled F1 of one evaluation)
 NOISE = 0.01
+SMOOTHING = "smoothing"
 
 
 class RobustnessConfig(EvaluationConfig):
@@ -48,6 +54,10 @@ class RobustnessConfig(EvaluationConfig):
     steps: list[int] = Field(default_factory=lambda: [10], description="steps of pgd/apgd (each value a setting)")
     restarts: list[int] = Field(default_factory=lambda: [1], description="restarts of pgd/apgd, best kept per tile (each value a setting)")
     queries: int = Field(500, ge=1, description="queries of the square attack")
+    smoothing_sigma: list[float] = Field(default_factory=list, description="randomized smoothing noise levels (1/255 reflectance) to certify")
+    smoothing_samples: int = Field(100, ge=2, le=500, description="noisy passes per tile of the smoothed classifier")
+    smoothing_alpha: float = Field(0.001, gt=0, lt=1, description="error of the certificates (Bonferroni over the evaluated pixels)")
+    radii: list[float] = Field(default_factory=lambda: [0.5, 1, 2], description="L2 radii (1/255 reflectance) of the certified F1")
     step_size: float | None = Field(None, gt=0, description="PGD step in 1/255 units, 2.5 eps / steps if not given")
     random_start: bool = Field(False, description="PGD/APGD from a random point of the eps-ball")
     # preparation only: not part of the evaluated configuration (report.json) once done
@@ -93,7 +103,7 @@ def _series(report: dict[str, Any]) -> Series:
         clean = next(r for r in rows if r["method"] == CLEAN)
         series: dict[tuple[str, str], dict[float, dict[str, Any]]] = {}
         for r in rows:
-            if r["method"] != CLEAN:
+            if r["method"] not in (CLEAN, SMOOTHING):
                 series.setdefault((_label(r), r["mode"]), {0.0: clean})[r["eps_255"]] = r
         out[ckpt] = series
     return out
@@ -104,7 +114,7 @@ def sanity_rows(report: dict[str, Any]) -> list[list[str]]:
     (same method), the best white-box attack, the square attack, and a verdict."""
     out = []
     for ckpt in report["checkpoints"]:
-        rows = [r for r in report["rows"] if r["checkpoint"] == ckpt and r["method"] != CLEAN and r.get("f1") is not None]
+        rows = [r for r in report["rows"] if r["checkpoint"] == ckpt and r["method"] not in (CLEAN, SMOOTHING) and r.get("f1") is not None]
         for mode, eps in sorted({(r["mode"], r["eps_255"]) for r in rows}):
             here = [r for r in rows if r["mode"] == mode and r["eps_255"] == eps]
             rises = {"steps": [], "restarts": []}
@@ -132,6 +142,10 @@ def sanity_rows(report: dict[str, Any]) -> list[list[str]]:
     return out
 
 
+def _smoothing(cfg: RobustnessConfig, setting: dict[str, Any], threshold: float, scale: float, pixels: int) -> Smoothing:
+    return Smoothing(setting["sigma_255"], setting["steps"], cfg.smoothing_alpha, threshold, scale, pixels, cfg.seed)
+
+
 @register_stage
 class Robustness(Stage[RobustnessConfig]):
     """FGSM/PGD attacks per budget and mode, optionally after PGD adversarial fine-tuning."""
@@ -151,19 +165,37 @@ class Robustness(Stage[RobustnessConfig]):
     def settings(self, cfg: RobustnessConfig) -> list[dict[str, Any]]:
         """The clean setting, then method (× steps × restarts) × mode × ε > 0."""
         cfg.check_known(modes=MODES, methods=METHODS)
-        out = [{"method": CLEAN, "mode": CLEAN, "eps_255": 0.0, "steps": 0, "restarts": 0}]
+        out = [{"method": CLEAN, "mode": CLEAN, "eps_255": 0.0, "steps": 0, "restarts": 0, "sigma_255": 0.0}]
         for m in cfg.methods:
             runs = [(s, r) for s in cfg.steps for r in cfg.restarts] if m in ITERATIVE else [(cfg.queries if m == "square" else 1, 1)]
-            out += [{"method": m, "mode": mode, "eps_255": float(e), "steps": s, "restarts": r}
+            out += [{"method": m, "mode": mode, "eps_255": float(e), "steps": s, "restarts": r, "sigma_255": 0.0}
                     for s, r in runs for mode in cfg.modes for e in cfg.eps if e > 0]  # fmt: skip
+        out += [{"method": SMOOTHING, "mode": "both", "eps_255": 0.0, "steps": cfg.smoothing_samples, "restarts": 1,
+                 "sigma_255": float(sigma)} for sigma in cfg.smoothing_sigma]  # fmt: skip
         return out
 
     def evaluate(self, cfg: RobustnessConfig, loaded: LoadedModel, scene: ChangeScene, setting: dict[str, Any]) -> ValidationResult:
         """The scene attacked under ``setting`` (clean: as it is)."""
         if setting["method"] == CLEAN:
             return evaluate_scenes(loaded.model, [scene], loaded.normalization, **cfg.prediction())
+        if setting["method"] == SMOOTHING:
+            smoothing = _smoothing(cfg, setting, loaded.threshold, scene_sensor(scene).scale, scene.shape[0] * scene.shape[1])
+            return evaluate_scenes(loaded.model, [scene], loaded.normalization, **cfg.prediction(), blend="owner", smoothing=smoothing)
         attack = _attack(cfg, setting)
         return evaluate_attack(loaded.model, [scene], loaded.normalization, scene_sensor(scene), attack, **cfg.prediction())
+
+    def row_metrics(self, cfg: RobustnessConfig, setting: dict[str, Any], pooled: ProbabilityHistogram) -> dict[str, Any]:
+        """Smoothing rows: abstained share and certified F1 per radius (Bonferroni over the pooled pixels)."""
+        if setting["method"] != SMOOTHING:
+            return {}
+        pixels = int(pooled.pos.sum() + pooled.neg.sum())
+        smoothing = _smoothing(cfg, setting, 0.5, 1.0, pixels)
+        return {
+            "pixels": pixels,
+            "abstained": abstained_fraction(pooled, smoothing),
+            "certified_f1": {f"{r:g}": certified_confusion(pooled, smoothing, r).metrics()["f1"] for r in (0.0, *cfg.radii)},
+            "max_radius_255": smoothing.max_radius,
+        }
 
     def markdown(self, report: dict[str, Any]) -> list[str]:
         """F1 per (attack, mode) and ε, one table per checkpoint, then the sanity table."""
@@ -178,6 +210,16 @@ class Robustness(Stage[RobustnessConfig]):
         header = ["checkpoint", "mode", "ε", "F1 rise, more steps", "F1 rise, more restarts", "best white-box", "square", "verdict"]
         parts.append(f"## Sanity\n\nRises above {NOISE} and a black-box attack stronger than every white-box one "
                      "mark robust figures that cannot be trusted.\n\n" + markdown_table(header, sanity_rows(report)) + "\n")  # fmt: skip
+        smoothed = [r for r in report["rows"] if r["method"] == SMOOTHING]
+        if smoothed:
+            radii = list(smoothed[0]["certified_f1"])
+            rows = [[r["checkpoint"], f"{r['sigma_255']:g}", str(r["steps"]), f"{100 * r['abstained']:.1f} %"]
+                    + [format_metric(r["certified_f1"][k]) for k in radii]
+                    + [f"{r['max_radius_255']:.3f}", f"{r['seconds'] / max(r['pixels'] / 1e6, 1e-9):.0f}"] for r in smoothed]  # fmt: skip
+            header = ["checkpoint", "σ", "samples", "abstained", *(f"certified F1 r={k}" for k in radii), "largest radius", "s / Mpx"]
+            parts.append("## Certified (randomized smoothing)\n\nWorst case per radius r (1/255 reflectance, L2 over all bands "
+                         "and both dates): a pixel not certified at r counts as wrong; r=0 is the smoothed map with "
+                         "abstentions as errors.\n\n" + markdown_table(header, rows) + "\n")  # fmt: skip
         return parts
 
     def panels(self, report: dict[str, Any]) -> list[Panel]:
