@@ -181,17 +181,21 @@ class ValidationResult:
         """The threshold maximising pooled F1."""
         return self.pooled.best_threshold()
 
-    def metrics(self, threshold: float) -> dict[str, Any]:
-        """``{"threshold", "pooled": {...}, "per_scene": {name: {...}}, "mean_f1"}`` at ``threshold``.
+    def metrics(self, threshold: float | dict[str, float]) -> dict[str, Any]:
+        """``{"threshold", "pooled": {...}, "per_scene": {name: {...}}, "mean_f1"}`` at ``threshold``
+        (one for every scene, or one per scene: the pooled counts are then the sum of each scene's).
 
         Each entry holds precision, recall, f1, iou, oa, kappa and tp/fp/fn/tn (undefined ratios
         are None, JSON-safe). ``mean_f1`` averages the per-scene F1 of scenes with changes.
         """
-        per_scene = {name: _clean(h.confusion(threshold).metrics()) for name, h in self.scenes.items()}
+        at = threshold if isinstance(threshold, dict) else dict.fromkeys(self.scenes, threshold)
+        confusions = {name: h.confusion(at[name]) for name, h in self.scenes.items()}
+        per_scene = {name: _clean(c.metrics()) for name, c in confusions.items()}
         f1s = [m["f1"] for m in per_scene.values() if m["f1"] is not None and (m["tp"] + m["fn"]) > 0]
+        pooled = sum(confusions.values(), Confusion()) if isinstance(threshold, dict) else self.pooled.confusion(threshold)
         return {
-            "threshold": float(threshold),
-            "pooled": _clean(self.pooled.confusion(threshold).metrics()),
+            "threshold": {k: float(v) for k, v in threshold.items()} if isinstance(threshold, dict) else float(threshold),
+            "pooled": _clean(pooled.metrics()),
             "per_scene": per_scene,
             "mean_f1": float(np.mean(f1s)) if f1s else None,
         }

@@ -129,7 +129,7 @@ def test_certified_f1_counts_uncertain_pixels_as_wrong_and_the_stage_reports_it(
     assert smoothed == {"method": "smoothing", "mode": "both", "eps_255": 0.0, "steps": 100, "restarts": 1, "sigma_255": 1.0}
     row = stage.row_metrics(cfg, smoothed, hist)
     assert row["certified_f1"]["0"] == pytest.approx(2 / 3) and row["certified_f1"]["5"] == 0.0 and row["abstained"] == pytest.approx(0.05)
-    report = {"checkpoints": ["m"], "config": {**cfg.model_dump(), "eps": [0]}, "rows": [
-        {"checkpoint": "m", **clean, "f1": 0.5}, {"checkpoint": "m", **smoothed, "f1": 0.6, "seconds": 3.0, **row}]}  # fmt: skip
+    report = {"checkpoints": ["m"], "config": {**cfg.model_dump(), "eps": [0]}, "row_seconds": [1.0, 3.0], "rows": [
+        {"checkpoint": "m", **clean, "f1": 0.5}, {"checkpoint": "m", **smoothed, **row}]}  # fmt: skip
     text = "\n".join(stage.markdown(report))
     assert "## Certified (randomized smoothing)" in text and "| m | 1 | 100 | 5.0 % | 0.6667 |" in text

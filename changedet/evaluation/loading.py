@@ -31,6 +31,11 @@ class LoadedModel:
         return self.spec.bands
 
     @property
+    def threshold_rule(self) -> str:
+        """The threshold rule the checkpoint recommends (``test_time.threshold_rule``): ``fixed`` or ``otsu``."""
+        return str((self.spec.metadata.get("test_time") or {}).get("threshold_rule", "fixed"))
+
+    @property
     def label(self) -> str:
         """Short name for reports (the checkpoint's file stem)."""
         return Path(str(self.spec.checkpoint)).stem

@@ -13,6 +13,7 @@ from typing import Any
 
 from changedet.evaluation.stages import get_stage
 from changedet.io.writers import OutputStaging, write_text, writing
+from changedet.pipeline.postprocess import OTSU_FLOOR
 
 REPORT = "report.json"
 MARKDOWN = "report.md"
@@ -21,7 +22,8 @@ MARKDOWN = "report.md"
 def markdown(report: dict[str, Any]) -> str:
     """The report's tables as markdown (also the Prefect artifact)."""
     head = f"scenes: {', '.join(report['scenes'])}; " + "; ".join(
-        f"{k}: threshold {v['threshold']:.3f}" for k, v in report["checkpoints"].items()
+        f"{k}: " + (f"Otsu's threshold per scene (at least {OTSU_FLOOR})" if v.get("threshold_rule") == "otsu" else f"threshold {v['threshold']:.3f}")
+        for k, v in report["checkpoints"].items()
     )
     return "\n".join([f"# {report['stage']}\n\n{head}\n", *get_stage(report["stage"]).markdown(report)])
 

@@ -4,7 +4,7 @@ Generic over the registered stages (:mod:`changedet.evaluation.stages`), looked 
 :func:`prepare` runs the stage's preparation (e.g. adversarial fine-tuning); :func:`plan_jobs` lists
 the jobs; :func:`run_job` evaluates one (any process: models and scenes are cached per process) and
 returns the scene's probability histograms; :func:`summarize` pools the scenes of each setting into
-metrics at the checkpoint's threshold (F1, IoU, precision, recall, ECE). :func:`run_evaluation`
+metrics at the checkpoint's threshold under its recommended rule (F1, IoU, precision, recall, ECE). :func:`run_evaluation`
 chains them in one process (the CLI); ``flows/evaluate.py`` maps :func:`run_job` over Dask.
 """
 
@@ -23,6 +23,7 @@ from changedet.evaluation.calibration import histogram_ece
 from changedet.evaluation.loading import cached_model, cached_scene
 from changedet.evaluation.stages import EvaluationConfig, get_stage
 from changedet.metrics import ProbabilityHistogram, ValidationResult
+from changedet.pipeline.postprocess import scene_threshold
 
 METRICS = ("f1", "iou", "precision", "recall")
 
@@ -70,9 +71,13 @@ def run_job(cfg: EvaluationConfig, job: Job) -> dict[str, Any]:
     return {**job.model_dump(), "pos": hist.pos.tolist(), "neg": hist.neg.tolist(), "seconds": time.perf_counter() - start}
 
 
-def _row(hist: ProbabilityHistogram, threshold: float) -> dict[str, Any]:
-    metrics = ValidationResult({"all": hist}, hist.bins).metrics(threshold)["pooled"]
-    return {**{k: metrics[k] for k in METRICS}, "ece": histogram_ece(hist)}
+def _scored(per_scene: ValidationResult, threshold: float, rule: str) -> dict[str, Any]:
+    """Pooled metrics, ECE and per-scene F1 under the checkpoint's threshold rule (``otsu``: each
+    scene's own threshold from its histogram, as detect chooses it)."""
+    at = {n: scene_threshold(rule, threshold, h) for n, h in per_scene.scenes.items()} if rule == "otsu" else threshold
+    metrics = per_scene.metrics(at)
+    return {**{k: metrics["pooled"][k] for k in METRICS}, "ece": histogram_ece(per_scene.pooled),
+            "per_scene_f1": {n: m["f1"] for n, m in metrics["per_scene"].items()}}  # fmt: skip
 
 
 def summarize(cfg: EvaluationConfig, results: list[dict[str, Any]]) -> dict[str, Any]:
@@ -89,22 +94,22 @@ def summarize(cfg: EvaluationConfig, results: list[dict[str, Any]]) -> dict[str,
     checkpoints = {c: cached_model(c, cfg.device) for c in cfg.checkpoints}
     rows = []
     for (ckpt, setting), per_scene in groups.items():
-        threshold = checkpoints[ckpt].threshold
+        loaded = checkpoints[ckpt]
         pooled = ValidationResult(per_scene, next(iter(per_scene.values())).bins)
         rows.append({
-            "checkpoint": checkpoints[ckpt].label,
+            "checkpoint": loaded.label,
             **dict(setting),
-            **_row(pooled.pooled, threshold),
+            **_scored(pooled, loaded.threshold, loaded.threshold_rule),
             **stage.row_metrics(cfg, dict(setting), pooled.pooled),
-            "per_scene_f1": {n: m["f1"] for n, m in pooled.metrics(threshold)["per_scene"].items()},
-            "seconds": round(seconds[(ckpt, setting)], 2),
         })  # fmt: skip
     return {
         "stage": cfg.stage,
         "config": cfg.model_dump(),
         "scenes": sorted({r["scene"] for r in results}),
-        "checkpoints": {m.label: {"source": c, "threshold": m.threshold} for c, m in checkpoints.items()},
+        "checkpoints": {m.label: {"source": c, "threshold": m.threshold, "threshold_rule": m.threshold_rule}
+                        for c, m in checkpoints.items()},  # fmt: skip
         "rows": rows,
+        "row_seconds": [round(s, 2) for s in seconds.values()],  # job seconds of each row (timings: not part of the rows)
         "job_seconds": round(sum(r["seconds"] for r in results), 1),
     }
 

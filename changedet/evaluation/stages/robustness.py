@@ -185,12 +185,15 @@ class Robustness(Stage[RobustnessConfig]):
         return evaluate_attack(loaded.model, [scene], loaded.normalization, scene_sensor(scene), attack, **cfg.prediction())
 
     def row_metrics(self, cfg: RobustnessConfig, setting: dict[str, Any], pooled: ProbabilityHistogram) -> dict[str, Any]:
-        """Smoothing rows: abstained share and certified F1 per radius (Bonferroni over the pooled pixels)."""
+        """Smoothing rows: the smoothed map's metrics (abstentions as errors), abstained share and certified
+        F1 per radius (Bonferroni over the pooled pixels)."""
         if setting["method"] != SMOOTHING:
             return {}
         pixels = int(pooled.pos.sum() + pooled.neg.sum())
         smoothing = _smoothing(cfg, setting, 0.5, 1.0, pixels)
+        majority = certified_confusion(pooled, smoothing, 0.0).metrics()  # the smoothed map, abstentions as errors
         return {
+            **{k: majority[k] for k in ("f1", "iou", "precision", "recall")},
             "pixels": pixels,
             "abstained": abstained_fraction(pooled, smoothing),
             "certified_f1": {f"{r:g}": certified_confusion(pooled, smoothing, r).metrics()["f1"] for r in (0.0, *cfg.radii)},
@@ -210,7 +213,8 @@ class Robustness(Stage[RobustnessConfig]):
         header = ["checkpoint", "mode", "ε", "F1 rise, more steps", "F1 rise, more restarts", "best white-box", "square", "verdict"]
         parts.append(f"## Sanity\n\nRises above {NOISE} and a black-box attack stronger than every white-box one "
                      "mark robust figures that cannot be trusted.\n\n" + markdown_table(header, sanity_rows(report)) + "\n")  # fmt: skip
-        smoothed = [r for r in report["rows"] if r["method"] == SMOOTHING]
+        seconds = report.get("row_seconds") or [float("nan")] * len(report["rows"])
+        smoothed = [{**r, "seconds": t} for r, t in zip(report["rows"], seconds) if r["method"] == SMOOTHING]
         if smoothed:
             radii = list(smoothed[0]["certified_f1"])
             rows = [[r["checkpoint"], f"{r['sigma_255']:g}", str(r["steps"]), f"{100 * r['abstained']:.1f} %"]
