@@ -209,10 +209,13 @@ class Robustness(Stage[RobustnessConfig]):
                  f"square with its query budget.\n"]  # fmt: skip
         for ckpt, series in _series(report).items():
             rows = [[m, mode] + [format_metric(s.get(e, {}).get("f1")) for e in eps] for (m, mode), s in series.items()]
-            parts.append(f"## {ckpt}\n\n" + markdown_table(["attack", "mode"] + [f"ε={e:g}" for e in eps], rows) + "\n")
+            if rows:
+                parts.append(f"## {ckpt}\n\n" + markdown_table(["attack", "mode"] + [f"ε={e:g}" for e in eps], rows) + "\n")
         header = ["checkpoint", "mode", "ε", "F1 rise, more steps", "F1 rise, more restarts", "best white-box", "square", "verdict"]
-        parts.append(f"## Sanity\n\nRises above {NOISE} and a black-box attack stronger than every white-box one "
-                     "mark robust figures that cannot be trusted.\n\n" + markdown_table(header, sanity_rows(report)) + "\n")  # fmt: skip
+        sanity = sanity_rows(report)
+        if sanity:
+            parts.append(f"## Sanity\n\nRises above {NOISE} and a black-box attack stronger than every white-box one "
+                         "mark robust figures that cannot be trusted.\n\n" + markdown_table(header, sanity) + "\n")  # fmt: skip
         seconds = report.get("row_seconds") or [float("nan")] * len(report["rows"])
         smoothed = [{**r, "seconds": t} for r, t in zip(report["rows"], seconds) if r["method"] == SMOOTHING]
         if smoothed:
