@@ -4,6 +4,8 @@ and PGD fine-tuning updates a model."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -125,3 +127,12 @@ def test_adversarial_finetune_updates_the_model(bercy):
     assert len(history) == 2 and all(np.isfinite(h["loss"]) for h in history)
     assert any(not torch.equal(before[k], v) for k, v in model.state_dict().items() if k.endswith("weight"))
     assert not model.training and all(p.requires_grad for p in model.parameters())
+
+
+def test_adversarial_finetune_refuses_a_per_scene_checkpoint(tmp_path):
+    from changedet.errors import ChangeDetError
+    from changedet.evaluation.defence import finetune_checkpoint
+
+    with pytest.raises(ChangeDetError, match="per-scene"):
+        finetune_checkpoint("oscd-s2", tmp_path / "at.safetensors", Path(__file__).parents[1] / "data" / "sample", ["bercy"], steps=1)
+    assert not (tmp_path / "at.safetensors").exists()

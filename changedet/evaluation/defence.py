@@ -147,6 +147,9 @@ def finetune_checkpoint(
     """
     start = time.perf_counter()
     loaded = load_model(source, device)
+    if Normalization.of(loaded.normalization).per_scene:
+        raise ChangeDetError(f"adversarial fine-tuning needs the checkpoint's own normalisation statistics; {source} "
+                             "standardises every scene with its own (per-scene), which it does not support yet")
     names = list(train_scenes or (loaded.spec.metadata.get("split") or {}).get("train") or [])
     if not names:
         raise ChangeDetError(f"{source} records no training scenes: pass train_scenes")
