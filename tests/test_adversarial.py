@@ -129,10 +129,20 @@ def test_adversarial_finetune_updates_the_model(bercy):
     assert not model.training and all(p.requires_grad for p in model.parameters())
 
 
-def test_adversarial_finetune_refuses_a_per_scene_checkpoint(tmp_path):
-    from changedet.errors import ChangeDetError
-    from changedet.evaluation.defence import finetune_checkpoint
+def test_adversarial_finetune_of_a_per_scene_checkpoint_uses_each_patchs_scene_statistics(tmp_path):
+    from changedet.checkpoint import load_state_dict, read_metadata
+    from changedet.evaluation.defence import SceneStatistics, finetune_checkpoint
+    from changedet.weights import bundled_checkpoint
 
-    with pytest.raises(ChangeDetError, match="per-scene"):
-        finetune_checkpoint("oscd-s2", tmp_path / "at.safetensors", Path(__file__).parents[1] / "data" / "sample", ["bercy"], steps=1)
-    assert not (tmp_path / "at.safetensors").exists()
+    stats = [Normalization.of(_norm(2)), Normalization.of({"t1": {"mean": [1.0, 2.0], "std": [2.0, 4.0]},
+                                                          "t2": {"mean": [0.0, 0.0], "std": [1.0, 1.0]}})]  # fmt: skip
+    batch = SceneStatistics(stats).for_batch(torch.tensor([1, 0]))
+    x, valid = torch.full((2, 2, 1, 1), 5.0), torch.ones((2, 1, 1), dtype=torch.bool)
+    z = batch.apply_tensor(x, valid, 0)[:, :, 0, 0]  # sample 0 from scene 1, sample 1 from scene 0
+    assert z[0].tolist() == [2.0, 0.75] and z[1].tolist() == pytest.approx([(5 - 3000) / 1500] * 2)
+    out = tmp_path / "at.safetensors"
+    block = finetune_checkpoint("oscd-s2", out, Path(__file__).parents[1] / "data" / "sample", ["bercy"], steps=2, batch_size=2, patch_size=32)
+    meta = read_metadata(out)
+    assert meta["normalization"] == "per-scene" and meta["adversarial_training"]["train_scenes"] == ["bercy"] == block["train_scenes"]
+    before, after = load_state_dict(bundled_checkpoint("oscd-s2")), load_state_dict(out)
+    assert set(before) == set(after) and any(not torch.equal(before[k], after[k]) for k in before if k.endswith("weight"))

@@ -5,18 +5,21 @@ mode, parameters frozen: the attacker of the evaluation), then trains on
 ``clean_weight * L(clean) + (1 - clean_weight) * L(adversarial)`` (Madry et al. 2018 with a clean
 term, which keeps clean accuracy). Patches are raw values from a
 :class:`~changedet.data.datasets.PatchDataset` built with ``normalization=None`` and normalised
-inside the differentiable path, as in the evaluation. The step is an :class:`AdversarialObjective` of the
-one :class:`~changedet.train.trainer.Trainer`.
+inside the differentiable path, as in the evaluation. A per-scene checkpoint standardises each patch with
+the statistics of the scene it was cut from (:class:`SceneStatistics`), as detect standardises a scene.
+The step is an :class:`AdversarialObjective` of the one :class:`~changedet.train.trainer.Trainer`.
 """
 
 from __future__ import annotations
 
 import math
 import time
+from dataclasses import dataclass
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from changedet.checkpoint import save_checkpoint
@@ -40,6 +43,33 @@ from changedet.train.objectives import Batch, Objective, StepContext, loss_name
 from changedet.train.trainer import Trainer
 
 
+@dataclass(frozen=True)
+class _BatchStatistics:
+    """Per-sample ``(B, C)`` means and stds of both dates, applied like :meth:`Normalization.apply_tensor`."""
+
+    mean: tuple[torch.Tensor, torch.Tensor]
+    std: tuple[torch.Tensor, torch.Tensor]
+
+    def apply_tensor(self, x: torch.Tensor, valid: torch.Tensor, date: int) -> torch.Tensor:
+        mean, std = (v[date].to(x.device).reshape(x.shape[0], -1, 1, 1) for v in (self.mean, self.std))
+        return torch.where(valid[:, None], (x - mean) / std, 0.0)
+
+
+class SceneStatistics:
+    """The per-scene rule over the scenes of a :class:`~changedet.data.datasets.PatchDataset`: every
+    patch of a batch standardised with its own scene's statistics (``batch["scene"]`` indexes them)."""
+
+    def __init__(self, per_scene: Sequence[Normalization]) -> None:
+        stacked = [[np.stack(arrays) for arrays in zip(*(n.arrays(d) for n in per_scene))] for d in (0, 1)]
+        self.mean = tuple(torch.from_numpy(stacked[d][0]) for d in (0, 1))
+        self.std = tuple(torch.from_numpy(stacked[d][1]) for d in (0, 1))
+
+    def for_batch(self, scenes: torch.Tensor) -> _BatchStatistics:
+        """The statistics of each sample of a batch drawn from scenes ``scenes (B,)``."""
+        index = scenes.long().cpu()
+        return _BatchStatistics(tuple(m[index] for m in self.mean), tuple(s[index] for s in self.std))
+
+
 class AdversarialObjective(Objective):
     """PGD-AT step of :class:`~changedet.train.trainer.Trainer`: attack the raw batch, then train on
     ``clean_weight * L(clean) + (1 - clean_weight) * L(adversarial)``; logs both terms."""
@@ -47,19 +77,24 @@ class AdversarialObjective(Objective):
     name = "pgd-at"
 
     def __init__(
-        self, normalization: Normalization | dict[str, Any], sensor: Sensor, attack: Attack, loss: ChangeLoss, clean_weight: float = 0.5
+        self, normalization: Normalization | SceneStatistics | dict[str, Any], sensor: Sensor, attack: Attack, loss: ChangeLoss,
+        clean_weight: float = 0.5,
     ) -> None:
-        self.normalization = Normalization.of(normalization)
+        self.normalization = normalization if isinstance(normalization, SceneStatistics) else Normalization.of(normalization)
         self.sensor = sensor
         self.attack = attack
         self.loss = loss
         self.clean_weight = clean_weight
 
+    def _statistics(self, batch: Batch) -> Normalization | _BatchStatistics:
+        norm = self.normalization
+        return norm.for_batch(batch["scene"]) if isinstance(norm, SceneStatistics) else norm
+
     def _loss(self, model: ChangeModel, x1: torch.Tensor, x2: torch.Tensor, batch: Batch, ctx: StepContext) -> torch.Tensor:
         """The loss of raw ``x1, x2``, normalised inside the differentiable path."""
-        valid = batch["valid"]
+        valid, norm = batch["valid"], self._statistics(batch)
         with ctx.autocast():
-            output = model(self.normalization.apply_tensor(x1, valid, 0), self.normalization.apply_tensor(x2, valid, 1))
+            output = model(norm.apply_tensor(x1, valid, 0), norm.apply_tensor(x2, valid, 1))
         return self.loss(output, batch["target"], valid)
 
     def step(self, model: ChangeModel, batch: Batch, ctx: StepContext) -> tuple[torch.Tensor, dict[str, float]]:
@@ -68,7 +103,7 @@ class AdversarialObjective(Objective):
         label = torch.where(valid, target.long(), IGNORE)
         model.eval()
         with frozen(model):
-            a1, a2 = perturb(model, x1, x2, valid, label, self.normalization, self.sensor, self.attack)
+            a1, a2 = perturb(model, x1, x2, valid, label, self._statistics(batch), self.sensor, self.attack)
         model.train()
         clean = self._loss(model, x1, x2, batch, ctx)
         adversarial = self._loss(model, a1, a2, batch, ctx)
@@ -83,7 +118,7 @@ class AdversarialObjective(Objective):
 def adversarial_finetune(
     model: ChangeModel,
     data: PatchDataset,
-    normalization: Normalization | dict[str, Any],
+    normalization: Normalization | SceneStatistics | dict[str, Any],
     sensor: Sensor,
     attack: Attack,
     loss: ChangeLoss,
@@ -147,9 +182,6 @@ def finetune_checkpoint(
     """
     start = time.perf_counter()
     loaded = load_model(source, device)
-    if Normalization.of(loaded.normalization).per_scene:
-        raise ChangeDetError(f"adversarial fine-tuning needs the checkpoint's own normalisation statistics; {source} "
-                             "standardises every scene with its own (per-scene), which it does not support yet")
     names = list(train_scenes or (loaded.spec.metadata.get("split") or {}).get("train") or [])
     if not names:
         raise ChangeDetError(f"{source} records no training scenes: pass train_scenes")
@@ -159,8 +191,10 @@ def finetune_checkpoint(
     data = PatchDataset(scenes, patch_size, None, augment, length=steps * batch_size, change_fraction=0.5, seed=seed)
     criterion = build_loss(loss, **({"pos_weight": 5.0} if loss_kwargs is None else loss_kwargs))
     model = loaded.model
+    rule = Normalization.of(loaded.normalization)
+    norm = SceneStatistics([rule.for_scene(s.read, *s.shape, s.name) for s in scenes]) if rule.per_scene else rule
     history = adversarial_finetune(
-        model, data, loaded.normalization, scene_sensor(scenes[0]), attack, criterion, steps, lr, batch_size,
+        model, data, norm, scene_sensor(scenes[0]), attack, criterion, steps, lr, batch_size,
         clean_weight, seed, device, progress,
     )  # fmt: skip
     threshold = evaluate_scenes(model, scenes, loaded.normalization, device=device).tune_threshold()
