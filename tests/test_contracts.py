@@ -17,7 +17,7 @@ from pydantic import BaseModel, Field
 from changedet.cli import build_parser as cli_parser
 from changedet.options import ParameterError, add_model_options, given_values, option_name
 from changedet.pipeline.detect import detect_changes
-from changedet.pipeline.output_table import OUTPUT_NAMES, OUTPUTS, RASTERS, RUN_JSON
+from changedet.pipeline.output_table import CERTIFIED_RADIUS, OUTPUT_NAMES, OUTPUTS, RASTERS, RUN_JSON
 from changedet.pipeline.params import DetectParams
 from changedet.testing.synthetic import write_synthetic_pair
 
@@ -106,7 +106,8 @@ def outputs(tmp_path_factory) -> tuple[Path, Path]:
 def test_detect_writes_exactly_the_output_table(outputs):
     pair, out = outputs
     assert sorted(p.name for p in out.iterdir()) == sorted(OUTPUT_NAMES)
-    assert all(o.default for o in OUTPUTS.values()) and set(OUTPUT_NAMES) == set(OUTPUTS)
+    assert set(OUTPUT_NAMES) == {n for n, o in OUTPUTS.items() if o.default}
+    assert {n for n, o in OUTPUTS.items() if not o.default} == {CERTIFIED_RADIUS}  # only with --smoothing-sigma
     summary = json.loads((out / RUN_JSON).read_text())
     assert summary["outputs"] == {n: n for n in OUTPUT_NAMES}
     assert summary["nodata"] == {o.name: o.nodata for o in RASTERS}

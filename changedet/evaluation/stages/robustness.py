@@ -74,6 +74,11 @@ class RobustnessConfig(EvaluationConfig):
             raise ValueError(f"budgets must be finite and >= 0 (1/255 reflectance units), got {eps}")
         return eps
 
+    @field_validator("steps", "restarts", mode="before")
+    @classmethod
+    def _one_or_many(cls, values: Any) -> Any:
+        return [values] if isinstance(values, int) else values  # steps=10 in Python reads as [10]
+
     @field_validator("steps", "restarts")
     @classmethod
     def _counts(cls, values: list[int]) -> list[int]:
