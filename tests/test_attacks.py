@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from changedet.evaluation.adversarial import METHODS, Attack, attack_objective, attack_success, frozen, perturb
+from changedet.evaluation.adversarial import METHODS, MODES, Attack, attack_objective, attack_success, frozen, perturb
 from changedet.evaluation.attacks import apgd_checkpoints, square_window_fraction
 from changedet.evaluation.sensor import Sensor
 from changedet.evaluation.stages.robustness import NOISE, RobustnessConfig, sanity_rows
@@ -67,7 +67,7 @@ def test_apgd_checkpoints_follow_the_paper_schedule():
 def test_every_method_stays_in_budget_range_and_valid_mask(method):
     x1, x2, valid, label = _batch()
     model, eps = _model(), 8 / 255
-    for mode in ("t1", "both", "hide"):
+    for mode in MODES:
         attack = Attack(method, eps, mode, steps=3, step_size=4 / 255, random_start=True, restarts=2, queries=20)
         with frozen(model):
             a1, a2 = perturb(model, x1, x2, valid, label, STATS, Sensor(SCALE), attack)

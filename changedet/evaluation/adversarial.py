@@ -212,33 +212,36 @@ def perturb(
         mask = valid[:, None]
         bounds.append((torch.where(mask, low, 0.0), torch.where(mask, high, 0.0)))
 
-    def logits_of(deltas: Sequence[torch.Tensor]) -> torch.Tensor:
-        inputs = list(raws)
+    def inputs(deltas: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        out = list(raws)
         for i, d in zip(attacked, deltas):
-            inputs[i] = sensor.clip_tensor(raws[i] + sensor.scale * d, raws[i])
-        return model(normalization.apply_tensor(inputs[0], valid, 0), normalization.apply_tensor(inputs[1], valid, 1)).logits
+            out[i] = sensor.clip_tensor(raws[i] + sensor.scale * d, raws[i])
+        return out
+
+    def logits_of(deltas: Sequence[torch.Tensor]) -> torch.Tensor:
+        a1, a2 = inputs(deltas)
+        return model(normalization.apply_tensor(a1, valid, 0), normalization.apply_tensor(a2, valid, 1)).logits
 
     def score(deltas: Sequence[torch.Tensor]) -> torch.Tensor:
         return attack_objective(logits_of(deltas), label, valid, attack.goal, attack.loss)
 
-    best: list[torch.Tensor] | None = None
-    for r in range(1 if attack.method == "fgsm" else attack.restarts):
-        generator = torch.Generator().manual_seed(attack.seed + r)
-        deltas = _run(attack, score, bounds, generator, random_start=attack.random_start or r > 0)
+    def merit(deltas: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         with torch.no_grad():
             logits = logits_of(deltas)
-            merit = (attack_success(logits, label, valid, attack.goal).double(),
-                     attack_objective(logits, label, valid, attack.goal, attack.loss).double())  # fmt: skip
-        if best is None:
-            best, best_merit = deltas, merit
-            continue
-        take = (merit[0] > best_merit[0]) | ((merit[0] == best_merit[0]) & (merit[1] > best_merit[1]))
+        return (attack_success(logits, label, valid, attack.goal).double(),
+                attack_objective(logits, label, valid, attack.goal, attack.loss).double())  # fmt: skip
+
+    runs = 1 if attack.method == "fgsm" else attack.restarts
+    best = _run(attack, score, bounds, torch.Generator().manual_seed(attack.seed), attack.random_start)
+    best_merit = merit(best) if runs > 1 else None  # one run: nothing to compare, no extra forward
+    for r in range(1, runs):
+        deltas = _run(attack, score, bounds, torch.Generator().manual_seed(attack.seed + r), random_start=True)
+        new = merit(deltas)
+        take = (new[0] > best_merit[0]) | ((new[0] == best_merit[0]) & (new[1] > best_merit[1]))
         best = pick(take, deltas, best)
-        best_merit = tuple(torch.where(take, m, b) for m, b in zip(merit, best_merit))
-    out = list(raws)
-    for i, d in zip(attacked, best or []):
-        out[i] = sensor.clip_tensor(raws[i] + sensor.scale * d, raws[i])
-    return out[0].detach(), out[1].detach()
+        best_merit = tuple(torch.where(take, m, b) for m, b in zip(new, best_merit))
+    a1, a2 = inputs(best)
+    return a1.detach(), a2.detach()
 
 
 def _run(attack: Attack, score: Score, bounds: Bounds, generator: torch.Generator, random_start: bool) -> list[torch.Tensor]:

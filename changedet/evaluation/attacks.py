@@ -83,7 +83,6 @@ def apgd(
     f, g = value_and_grad(score, x)
     eta = torch.full_like(f, 2 * eps)
     best_x, best_f, best_g = x, f.clone(), g
-    x_prev = x
     x_new = project([d + _per_tile(eta, d) * s.sign() for d, s in zip(x, g)], bounds)
     checkpoints = set(apgd_checkpoints(steps))
     last, successes = 0, torch.zeros_like(f)

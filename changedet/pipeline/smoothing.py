@@ -27,7 +27,6 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from scipy.stats import beta, norm
 
 from changedet.metrics import Confusion, ProbabilityHistogram
 
@@ -76,22 +75,30 @@ class Smoothing:
         noise = torch.randn(x.shape, generator=generator, dtype=torch.float32).numpy() * np.float32(self.sigma_raw)
         return np.where(valid[:, None], x.astype(np.float32) + noise, x).astype(np.float32)
 
-    def certify(self, fraction: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Per pixel of a vote fraction ``k / n``: the mask (0, 1 or :data:`ABSTAIN`) and the certified
-        radius (1/255 reflectance units, 0 where it abstains). NaN fractions give mask 0 and radius 0
-        (callers mask invalid pixels)."""
-        k = np.rint(np.nan_to_num(fraction) * self.samples).astype(np.int64)
+    def tables(self) -> tuple[np.ndarray, np.ndarray]:
+        """Mask value and certified radius for every vote count ``k = 0 … samples`` of "change"."""
+        from scipy.stats import beta, norm  # scipy.stats takes ~0.5 s to import: only smoothed runs pay it
+
+        k = np.arange(self.samples + 1)
         top = np.maximum(k, self.samples - k)
         lower = np.where(top > 0, beta.ppf(self.pixel_alpha, top, self.samples - top + 1), 0.0)
         certified = lower > 0.5
         radius = np.where(certified, self.sigma * norm.ppf(np.clip(lower, 0.5, 1.0)), 0.0).astype(np.float32)
-        mask = np.where(certified, (k > self.samples - k).astype(np.uint8), np.uint8(ABSTAIN))
-        return mask.astype(np.uint8), radius
+        mask = np.where(certified, (k > self.samples - k).astype(np.uint8), np.uint8(ABSTAIN)).astype(np.uint8)
+        return mask, radius
+
+    def certify(self, fraction: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Per pixel of a vote fraction ``k / n``: the mask (0, 1 or :data:`ABSTAIN`) and the certified
+        radius (1/255 reflectance units, 0 where it abstains). A NaN fraction counts as no vote for
+        change (callers mask invalid pixels)."""
+        k = np.clip(np.rint(np.nan_to_num(fraction) * self.samples), 0, self.samples).astype(np.int64)
+        mask, radius = self.tables()
+        return mask[k], radius[k]
 
     @property
     def max_radius(self) -> float:
         """The largest radius this many samples can certify (every vote for one class)."""
-        return float(self.sigma * norm.ppf(beta.ppf(self.pixel_alpha, self.samples, 1)))
+        return float(self.tables()[1][-1])
 
     def describe(self) -> dict[str, float | int]:
         """``run.json``'s record of the smoothing."""
