@@ -79,6 +79,9 @@ RECIPES: dict[str, tuple[Path, dict[str, Any]]] = {
     "fc8-triplet": (CONFIG, merge(_PER_SCENE, {"loss": {"name": "bce+dice+0.2*triplet", "triplet": {"mining": "batch-hard"}}})),
     "fc8-simsiam": (CONFIG, merge(_PER_SCENE, {"simsiam": _SSL})),
     "fc8-byol": (CONFIG, merge(_PER_SCENE, {"simsiam": {**_SSL, "method": "byol"}})),
+    # without the 60 m atmospheric bands B01, B09, B10: near-constant over a city (B10's std is 1-2 DN), so per-scene
+    # standardisation multiplies a perturbation there up to 40x (issue 18, benchmarks/robust_oscd.py)
+    "fc8-perscene-10b": (CONFIG, merge(_PER_SCENE, {"data": {"bands": ["B02", "B03", "B04", "B05", "B06", "B07", "B08", "B8A", "B11", "B12"]}})),
     "mitb0-perscene": (CONFIG, merge(_PER_SCENE, {"model": {"name": "siam-unet-mit-b0", "config": {}}})),  # the Siamese transformer
 }
 

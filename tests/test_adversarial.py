@@ -101,8 +101,9 @@ def test_adversarial_finetune_updates_the_model(bercy):
     before = {k: v.clone() for k, v in model.state_dict().items()}
     data = PatchDataset([bercy], 32, None, PairedAugment(gain=0, offset=0, noise=0), length=4, change_fraction=0.5)
     history = adversarial_finetune(model, data, _norm(13), Sensor(SCALE), Attack("pgd", 2 / 255, "both", steps=2),
-                                   build_loss("bce"), steps=2, lr=1e-3, batch_size=2)  # fmt: skip
-    assert len(history) == 2 and all(np.isfinite(h["loss"]) for h in history)
+                                   build_loss("bce"), steps=3, lr=1e-3, batch_size=2, warmup_steps=2)  # fmt: skip
+    assert len(history) == 3 and all(np.isfinite(h["loss"]) for h in history)
+    assert [h["eps_255"] for h in history] == pytest.approx([1.0, 2.0, 2.0])  # the ε curriculum, then the full budget
     assert any(not torch.equal(before[k], v) for k, v in model.state_dict().items() if k.endswith("weight"))
     assert not model.training and all(p.requires_grad for p in model.parameters())
 

@@ -42,7 +42,19 @@ def test_bundled_rgb_checkpoint_is_small_and_self_describing():
     assert not set(split["val_groups"]) & set(split["train_groups"])
 
 
-@pytest.mark.parametrize("name, bands", [("oscd-s2", None), ("rgb", ("B04", "B03", "B02"))])
+def test_bundled_robust_checkpoint_records_its_defence_and_unseen_city_figures():
+    meta = read_metadata(bundled_checkpoint("oscd-s2-robust"))
+    assert not {"B01", "B09", "B10"} & set(meta["bands"]["t1"]) and meta["normalization"] == "per-scene"
+    training = meta["adversarial_training"]
+    assert len(training["train_scenes"]) == 10 and training["warmup_steps"] > 0 and training["threshold_tuned_on"].startswith("training")
+    clean = meta["expected_f1_unseen"]["pooled_f1_mean"]
+    robust = meta["robustness_unseen"]
+    assert "leave-cities-out" in meta["expected_f1_unseen"]["protocol"] and 0 < clean < 1
+    assert {"0.5", "1", "2", "4"} <= set(robust["worst_attack_both_dates"])  # the trade-off curve's budgets
+    assert robust["worst_ratio_to_clean"]["1"] == pytest.approx(robust["worst_attack_both_dates"]["1"] / clean)
+
+
+@pytest.mark.parametrize("name, bands", [("oscd-s2", None), ("oscd-s2-robust", None), ("rgb", ("B04", "B03", "B02"))])
 def test_reproduces_recorded_sample_scene_f1(sample_city, tmp_path, name, bands):
     meta = read_metadata(bundled_checkpoint(name))
     # recorded by benchmarks/select_oscd.py bundle with the model's own defaults; the RGB model (not retrained yet)

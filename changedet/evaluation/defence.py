@@ -3,7 +3,9 @@
 Each step attacks the batch with :func:`~changedet.evaluation.adversarial.perturb` (model in eval
 mode, parameters frozen: the attacker of the evaluation), then trains on
 ``clean_weight * L(clean) + (1 - clean_weight) * L(adversarial)`` (Madry et al. 2018 with a clean
-term, which keeps clean accuracy). Patches are raw values from a
+term, which keeps clean accuracy). An ε curriculum (``warmup_steps``) grows the attack's budget
+linearly from ``eps / warmup_steps`` to ``eps`` over the first steps, so the model is not thrown at
+the full budget before it has learnt anything robust (Cai et al. 2018, "Curriculum adversarial training"). Patches are raw values from a
 :class:`~changedet.data.datasets.PatchDataset` built with ``normalization=None`` and normalised
 inside the differentiable path, as in the evaluation. A per-scene checkpoint standardises each patch with
 the statistics of the scene it was cut from (:class:`SceneStatistics`), as detect standardises a scene.
@@ -14,7 +16,7 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -72,19 +74,26 @@ class SceneStatistics:
 
 class AdversarialObjective(Objective):
     """PGD-AT step of :class:`~changedet.train.trainer.Trainer`: attack the raw batch, then train on
-    ``clean_weight * L(clean) + (1 - clean_weight) * L(adversarial)``; logs both terms."""
+    ``clean_weight * L(clean) + (1 - clean_weight) * L(adversarial)``; logs both terms and the budget.
+    Step ``i`` (from 0) attacks with ``attack.eps * min(1, (i + 1) / warmup_steps)``."""
 
     name = "pgd-at"
 
     def __init__(
         self, normalization: Normalization | SceneStatistics | dict[str, Any], sensor: Sensor, attack: Attack, loss: ChangeLoss,
-        clean_weight: float = 0.5,
+        clean_weight: float = 0.5, warmup_steps: int = 0,
     ) -> None:
         self.normalization = normalization if isinstance(normalization, SceneStatistics) else Normalization.of(normalization)
         self.sensor = sensor
         self.attack = attack
         self.loss = loss
         self.clean_weight = clean_weight
+        self.warmup_steps = warmup_steps
+        self.steps_done = 0
+
+    def budget(self) -> float:
+        """The ε of the next step (the curriculum)."""
+        return self.attack.eps * min(1.0, (self.steps_done + 1) / self.warmup_steps) if self.warmup_steps > 0 else self.attack.eps
 
     def _statistics(self, batch: Batch) -> Normalization | _BatchStatistics:
         norm = self.normalization
@@ -101,18 +110,29 @@ class AdversarialObjective(Objective):
         """Attack with the model in eval mode and frozen (as the evaluation does), train on both terms."""
         x1, x2, target, valid = (batch[k] for k in ("t1", "t2", "target", "valid"))
         label = torch.where(valid, target.long(), IGNORE)
+        eps = self.budget()
         model.eval()
         with frozen(model):
-            a1, a2 = perturb(model, x1, x2, valid, label, self._statistics(batch), self.sensor, self.attack)
+            a1, a2 = perturb(model, x1, x2, valid, label, self._statistics(batch), self.sensor, replace(self.attack, eps=eps))
         model.train()
+        self.steps_done += 1
         clean = self._loss(model, x1, x2, batch, ctx)
         adversarial = self._loss(model, a1, a2, batch, ctx)
         total = self.clean_weight * clean + (1 - self.clean_weight) * adversarial
-        return total, {"clean": float(clean.detach()), "adversarial": float(adversarial.detach())}
+        return total, {"clean": float(clean.detach()), "adversarial": float(adversarial.detach()), "eps_255": eps * 255}
 
     def describe(self) -> dict[str, Any]:
-        """Loss, attack and clean weight."""
-        return {"loss": loss_name(self.loss), "attack": self.attack.to_dict(), "clean_weight": self.clean_weight}
+        """Loss, attack, clean weight and curriculum."""
+        return {"loss": loss_name(self.loss), "attack": self.attack.to_dict(), "clean_weight": self.clean_weight,
+                "warmup_steps": self.warmup_steps}  # fmt: skip
+
+    def state_dict(self) -> dict[str, Any]:
+        """The curriculum's position."""
+        return {"steps_done": self.steps_done}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Resume the curriculum where it stopped."""
+        self.steps_done = int(state.get("steps_done", 0))
 
 
 def adversarial_finetune(
@@ -129,6 +149,7 @@ def adversarial_finetune(
     seed: int = 0,
     device: torch.device | str = "cpu",
     progress: Callable[[int, float], None] | None = None,
+    warmup_steps: int = 0,
 ) -> list[dict[str, float]]:
     """Fine-tune ``model`` in place for ``steps`` optimiser steps; returns the per-step losses.
 
@@ -152,7 +173,7 @@ def adversarial_finetune(
         if progress:
             progress(step, value)
 
-    objective = AdversarialObjective(normalization, sensor, attack, loss, clean_weight)
+    objective = AdversarialObjective(normalization, sensor, attack, loss, clean_weight, warmup_steps)
     Trainer(model, type(model).__name__, {}, objective, data, settings=settings, on_step=record).fit()
     model.to(device).eval()
     return history
@@ -174,6 +195,7 @@ def finetune_checkpoint(
     seed: int = 0,
     device: str = "cpu",
     progress: Callable[[int, float], None] | None = None,
+    warmup_steps: int = 0,
 ) -> dict[str, Any]:
     """PGD-AT from checkpoint ``source`` on its training scenes (``split.train`` unless given); writes ``out``.
 
@@ -195,7 +217,7 @@ def finetune_checkpoint(
     norm = SceneStatistics([rule.for_scene(s.read, *s.shape, s.name) for s in scenes]) if rule.per_scene else rule
     history = adversarial_finetune(
         model, data, norm, scene_sensor(scenes[0]), attack, criterion, steps, lr, batch_size,
-        clean_weight, seed, device, progress,
+        clean_weight, seed, device, progress, warmup_steps,
     )  # fmt: skip
     threshold = evaluate_scenes(model, scenes, loaded.normalization, device=device).tune_threshold()
     block = {
@@ -203,7 +225,7 @@ def finetune_checkpoint(
         "source": str(loaded.spec.checkpoint),
         "attack": attack.to_dict(),
         "steps": steps, "lr": lr, "patch_size": patch_size, "batch_size": batch_size, "clean_weight": clean_weight,
-        "loss": loss, "train_scenes": names, "threshold_tuned_on": "training scenes (clean)",
+        "warmup_steps": warmup_steps, "loss": loss, "train_scenes": names, "threshold_tuned_on": "training scenes (clean)",
         "final_loss": history[-1] if history else None, "seconds": round(time.perf_counter() - start, 1),
     }  # fmt: skip
     meta = {**loaded.spec.metadata, "threshold": threshold, "metrics": None, "adversarial_training": block}

@@ -5,7 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 
 _HERE = Path(__file__).parent
-BUNDLED = {"oscd-s2": "oscd-s2-fc-siam-diff.safetensors", "rgb": "rgb-fc-siam-diff.safetensors",
+BUNDLED = {"oscd-s2": "oscd-s2-fc-siam-diff.safetensors", "oscd-s2-robust": "oscd-s2-robust-fc-siam-diff.safetensors",
+           "rgb": "rgb-fc-siam-diff.safetensors",
            "hetero": "hetero-structure-refined.safetensors"}
 
 
