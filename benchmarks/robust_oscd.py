@@ -160,11 +160,9 @@ def report() -> dict[str, Any]:
         r = json.loads(path.read_text())
         records.setdefault((r["model"], r["setting"]), {})[r["fold"]] = r
     kinds: dict[str, list[str]] = {}
-    for model, _ in records:
-        kinds.setdefault(model.split("/")[0], [])
-        if model not in kinds[model.split("/")[0]]:
-            kinds[model.split("/")[0]].append(model)
-    table: dict[str, Any] = {"protocol": __doc__.split("Protocol")[1].split("Per (model")[0].strip(), "rows": {}}
+    for model in sorted({m for m, _ in records}):
+        kinds.setdefault(model.split("/")[0], []).append(model)
+    table: dict[str, Any] = {"protocol": __doc__.split("Protocol")[1].split("Per (model")[0].strip(), "rows": {}, "worst_both": {}}
     for kind, models in sorted(kinds.items()):
         for setting in map(setting_key, SETTINGS):
             values: dict[str, list[float]] = {rule: [] for rule in RULES}
@@ -175,9 +173,9 @@ def report() -> dict[str, Any]:
                 for rule in RULES:
                     total = Confusion()
                     for r in folds.values():
+                        fixed = r["threshold"] if rule == "train" else 0.5
                         for hist in map(_decode, r["hist"].values()):
-                            t = {"0.5": 0.5, "train": r["threshold"]}.get(rule)
-                            total = total + hist.confusion(t if t is not None else scene_threshold("otsu", 0.5, hist))
+                            total = total + hist.confusion(scene_threshold("otsu" if rule == "otsu" else "fixed", fixed, hist))
                     values[rule].append(total.metrics()["f1"])
             if values[RULES[0]]:
                 table["rows"].setdefault(kind, {})[setting] = {"models": len(values[RULES[0]]), "pooled_f1": values}
@@ -189,12 +187,14 @@ def report() -> dict[str, Any]:
             cells = [_fmt(row["pooled_f1"][rule]) for rule in RULES]
             ratios = " / ".join(f"{np.mean(row['pooled_f1'][rule]) / max(np.mean(clean[rule]), 1e-9):.2f}" for rule in RULES)
             print(f"| {setting} | " + " | ".join(cells) + f" | {ratios} |")
-        for rule in RULES:
-            worst = {e: min((np.mean(row["pooled_f1"][rule]) for s, row in rows.items() if s != "clean" and f"-both-{e:g}-" in s), default=None)
-                     for e in (0.5, 1.0, 2.0, 4.0)}  # fmt: skip
-            rows.setdefault("worst_both", {})[rule] = worst
-        print("\nworst attack on both dates (" + "; ".join(f"{rule}: " + ", ".join(f"ε={e:g} {v:.3f}" for e, v in w.items() if v is not None)
-                                                       for rule, w in rows["worst_both"].items()) + ")")  # fmt: skip
+        worst = table["worst_both"][kind] = {rule: {} for rule in RULES}
+        for method, mode, eps, steps, restarts in SETTINGS:  # the worst attack on both dates per budget
+            row = rows.get(setting_key((method, mode, eps, steps, restarts)))
+            if mode == "both" and row is not None:
+                for rule in RULES:
+                    worst[rule][eps] = min(worst[rule].get(eps, 1.0), float(np.mean(row["pooled_f1"][rule])))
+        print("\nworst attack on both dates (" + "; ".join(f"{rule}: " + ", ".join(f"ε={e:g} {v:.3f}" for e, v in sorted(w.items()))
+                                                       for rule, w in worst.items()) + ")")  # fmt: skip
     out = RESULTS.parent / "robust_oscd.json"
     out.with_suffix(".tmp").write_text(json.dumps(table, indent=1))
     out.with_suffix(".tmp").replace(out)
@@ -212,7 +212,8 @@ def bundle(defence: str, seed: int, rule: str, name: str = "oscd-s2-robust") -> 
     from changedet.weights import BUNDLED
 
     source = DEFENCES[defence][0]
-    rows = report()["rows"]
+    table = report()
+    rows = table["rows"]
     if defence not in rows or source not in rows:
         raise SystemExit(f"evaluate {source} and {defence}/s<seed> first")
     if not checkpoint(source, "all").is_file():
@@ -221,11 +222,10 @@ def bundle(defence: str, seed: int, rule: str, name: str = "oscd-s2-robust") -> 
     if not tuned.is_file():
         print(finetune_one((defence, seed, "all")), flush=True)
     meta = read_metadata(tuned)
-    cv = rows[defence]
     figures = {setting: {"pooled_f1_mean": float(np.mean(row["pooled_f1"][rule])), "pooled_f1_std": float(np.std(row["pooled_f1"][rule])),
-                         "values": row["pooled_f1"][rule]} for setting, row in cv.items() if setting != "worst_both"}  # fmt: skip
+                         "values": row["pooled_f1"][rule]} for setting, row in rows[defence].items()}  # fmt: skip
     clean = figures["clean"]["pooled_f1_mean"]
-    worst = {f"{e:g}": v for e, v in cv["worst_both"][rule].items() if v is not None}
+    worst = {f"{e:g}": v for e, v in sorted(table["worst_both"][defence][rule].items())}
     if rule == "0.5":
         meta["threshold"] = 0.5  # "train" keeps the threshold the fine-tune tuned on the training cities
     meta.update(
@@ -238,7 +238,7 @@ def bundle(defence: str, seed: int, rule: str, name: str = "oscd-s2-robust") -> 
         robustness_unseen={
             "eps_unit": "1/255 reflectance, L-inf", "threshold_rule": rule, "settings": figures,
             "worst_attack_both_dates": worst, "worst_ratio_to_clean": {e: v / clean for e, v in worst.items()},
-            "undefended_worst_attack_both_dates": {f"{e:g}": v for e, v in rows[source]["worst_both"][rule].items() if v is not None}},
+            "undefended_worst_attack_both_dates": {f"{e:g}": v for e, v in sorted(table["worst_both"][source][rule].items())}},
     )  # fmt: skip
     model = load_model(str(tuned)).model
     target = ROOT / "changedet" / "weights" / BUNDLED[name]
