@@ -228,6 +228,7 @@ def bundle(defence: str, seed: int, rule: str, name: str = "oscd-s2-robust") -> 
     worst = {f"{e:g}": v for e, v in sorted(table["worst_both"][defence][rule].items())}
     if rule == "0.5":
         meta["threshold"] = 0.5  # "train" keeps the threshold the fine-tune tuned on the training cities
+    meta["adversarial_training"]["threshold_shipped"] = f"{rule} (the rule chosen by the CV over {', '.join(RULES)})"
     meta.update(
         test_time={"tta": "none", "harmonize": "none", "min_region": 0, "threshold_rule": "otsu" if rule == "otsu" else "fixed"},
         expected_f1_unseen={
