@@ -45,6 +45,7 @@ from changedet.failures import ErrorLineParser, command_main
 from changedet.options import add_model_options, given_values
 from changedet.inbox import PairJob, discover_pairs, outputs_current
 from changedet.io.outdir import OutputLock, check_out_dir
+from changedet.io.remote import is_remote
 from changedet.io.writers import OutputStaging
 
 
@@ -89,7 +90,7 @@ def _only_io_errors(task_: Any, task_run: Any, state: Any) -> bool:
 
 
 def _paths_key(params: DetectFlowParams) -> str:
-    paths = "|".join(str(Path(p).resolve()) for p in (params.t1, params.t2))
+    paths = "|".join(str(p) if is_remote(str(p)) else str(Path(p).resolve()) for p in (params.t1, params.t2))
     return hashlib.blake2b(paths.encode(), digest_size=8).hexdigest()
 
 

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Sequence
 
 from changedet.errors import BusyError, OutputError
+from changedet.io.remote import is_remote
 from changedet.io.writers import OutputStaging
 
 LOCK_NAME = ".changedet.lock"
@@ -48,6 +49,8 @@ def check_out_dir(out_dir: str | Path, inputs: Sequence[str | Path], output_name
     out = Path(out_dir).resolve()
     for spec in inputs:
         spec = str(spec)
+        if is_remote(spec):  # a URL reads nothing from the output folder
+            continue
         if _scanned_folder(spec) == out:
             raise OutputError(
                 f"--out {out_dir} is the folder input {spec} reads its bands from: outputs written there would "

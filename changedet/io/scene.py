@@ -19,11 +19,13 @@ from rasterio.errors import NotGeoreferencedWarning, RasterioError, RasterioIOEr
 from rasterio.windows import Window
 
 from changedet.errors import InputError
+from changedet.io.remote import display_url, gdal_path, is_remote
+from changedet.io.stac import is_stac_item, item_bands, load_item
 from changedet.pipeline.grid import Grid
 
 RASTER_SUFFIXES = (".tif", ".tiff", ".jp2", ".img", ".png", ".bmp", ".vrt")
 SENTINEL2_ORDER = ("B01", "B02", "B03", "B04", "B05", "B06", "B07", "B08", "B8A", "B09", "B10", "B11", "B12")
-_BAND_SUFFIX = re.compile(r"[_\-.]((?:B\d{1,2}A?)|(?:band\d+)|(?:b\d+))$", re.IGNORECASE)
+_BAND_SUFFIX = re.compile(r"[_\-.]((?:B\d{1,2}A?)|(?:band\d+)|(?:b\d+)|(?:SCL))$", re.IGNORECASE)  # SCL: L2A scene classification
 
 
 @dataclass(frozen=True)
@@ -72,7 +74,7 @@ def open_raster(path: str | Path):
             return rasterio.open(path)
     except RasterioIOError as exc:
         reason = str(exc).splitlines()[0] if str(exc) else "not a readable raster"
-        raise InputError(f"cannot read raster {path}: {reason}") from None
+        raise InputError(f"cannot read raster {display_url(path)}: {reason}") from None
 
 
 def _representable(nodata: float | None, dtype: str, path: str) -> float | None:
@@ -94,11 +96,11 @@ def _band_sources(path: str, name_prefix: str | None, nodata: float | None) -> l
     """The bands of one file; ``nodata`` applies only to bands whose file declares none."""
     with open_raster(path) as ds:
         if ds.count == 0 or ds.width == 0 or ds.height == 0:
-            raise InputError(f"raster {path} is empty ({ds.count} bands, {ds.height}x{ds.width} px)")
+            raise InputError(f"raster {display_url(path)} is empty ({ds.count} bands, {ds.height}x{ds.width} px)")
         try:  # the last pixel lives in the last block: a truncated file fails here, not mid-run
             ds.read(1, window=Window(ds.width - 1, ds.height - 1, 1, 1))
         except RasterioError as exc:
-            raise InputError(f"raster {path} is truncated or corrupt: {str(exc).splitlines()[0]}") from None
+            raise InputError(f"raster {display_url(path)} is truncated or corrupt: {str(exc).splitlines()[0]}") from None
         complex_bands = [i for i, dtype in enumerate(ds.dtypes, start=1) if "complex" in dtype]  # incl. CInt16
         if complex_bands:
             raise InputError(
@@ -146,6 +148,8 @@ def _list_files(spec: str) -> list[str]:
     """The raster files of one date. An existing path is used as it is, never as a pattern (a file
     named ``scene[1].tif``); a folder gives its visible raster files; anything else is a glob, of
     which folders, hidden and non-raster files are ignored. :class:`InputError` when nothing is left."""
+    if is_remote(spec):  # a URL: one raster, never a pattern (a signed URL's query holds "?")
+        return [gdal_path(spec)]
     path = Path(spec)
     if path.is_dir():
         entries = sorted(path.iterdir())
@@ -202,6 +206,36 @@ def select_bands(bands: Sequence[BandSource], selection: Sequence[str | int], so
     return tuple(chosen)
 
 
+def _file_sources(spec: str, nodata: float | None) -> list[BandSource]:
+    """The bands of a file, folder, glob or raster URL, named and ordered as :func:`open_scene` says."""
+    files = _list_files(spec)
+    if len(files) == 1:
+        sources = _band_sources(files[0], None, nodata)
+        suffix = _BAND_SUFFIX.search(Path(files[0]).stem)
+        if len(sources) == 1 and suffix and files[0] != gdal_path(spec):  # a folder/glob of one band file: named as in a folder
+            sources = [replace(sources[0], name=suffix.group(1).upper())]
+        return sources
+    sources = []
+    for f in files:
+        sources.extend(_band_sources(f, band_name_from_filename(f), nodata))
+    sources.sort(key=lambda b: _sort_key(b.name))
+    return sources
+
+
+def _item_sources(spec: str, nodata: float | None) -> list[BandSource]:
+    """The bands of a STAC Item (:func:`changedet.io.stac.item_bands`), each read from its asset's file."""
+    sources = []
+    for band in item_bands(load_item(spec)):
+        try:
+            source = next(s for s in _band_sources(band.path, None, nodata) if s.index == band.index)
+        except InputError as exc:
+            raise InputError(f"STAC item {spec}, asset {band.key}: {exc}") from None
+        except StopIteration:
+            raise InputError(f"STAC item {spec}, asset {band.key}: its file has no band {band.index}") from None
+        sources.append(replace(source, name=band.name, description=source.description or band.common_name))
+    return sources
+
+
 def open_scene(spec: str | Path, bands: Sequence[str | int] | None = None, nodata: float | None = None) -> Scene:
     """Describe one date without reading pixels.
 
@@ -210,7 +244,9 @@ def open_scene(spec: str | Path, bands: Sequence[str | int] | None = None, nodat
             ``description``), a folder of single-band files (band name = the
             ``_B01``-style suffix; Sentinel-2 names sorted B01..B12 with B8A after B08; hidden and
             non-raster files ignored), or a glob (folders, hidden and non-raster files ignored). An
-            existing path is never taken as a glob.
+            existing path is never taken as a glob; an http(s)/S3/GCS URL of a raster (read by range
+            requests, :mod:`changedet.io.remote`); or a STAC Item (``.json`` path or URL,
+            :mod:`changedet.io.stac`).
         bands: optional selection by 1-based index, name or GDAL description, applied after ordering.
         nodata: value to treat as invalid in bands whose file declares no nodata (a declared one is kept).
 
@@ -218,17 +254,10 @@ def open_scene(spec: str | Path, bands: Sequence[str | int] | None = None, nodat
         InputError: missing/unreadable files, empty rasters, unknown band names, duplicate band names.
     """
     spec = str(spec)
-    files = _list_files(spec)
-    if len(files) == 1:
-        sources = _band_sources(files[0], None, nodata)
-        suffix = _BAND_SUFFIX.search(Path(files[0]).stem)
-        if len(sources) == 1 and suffix and files[0] != spec:  # a folder/glob of one band file: named as in a folder
-            sources = [replace(sources[0], name=suffix.group(1).upper())]
+    if is_stac_item(spec):
+        sources = _item_sources(spec, nodata)
     else:
-        sources = []
-        for f in files:
-            sources.extend(_band_sources(f, band_name_from_filename(f), nodata))
-        sources.sort(key=lambda b: _sort_key(b.name))
+        sources = _file_sources(spec, nodata)
     names = [b.name for b in sources]
     if len(set(names)) != len(names):
         dupes = sorted({n for n in names if names.count(n) > 1})

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import warnings
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import rasterio
@@ -25,7 +25,12 @@ from rasterio.windows import Window
 from changedet.errors import GridError, InputError
 from changedet.pipeline.grid import Grid
 from changedet.io.bands import describe_bands, same_roles, scene_roles
+from changedet.io.remote import display_url, read_failure
 from changedet.io.scene import BandSource, Scene, open_raster
+
+if TYPE_CHECKING:
+    from changedet.pipeline.clouds import CloudMask
+    from changedet.pipeline.coregistration import Coregistration
 
 RESAMPLING_CHOICES = ("nearest", "bilinear", "cubic", "average", "lanczos")
 
@@ -43,16 +48,24 @@ class AlignedPair:
     grid: Grid
     reference: Grid
     resampling: str = "bilinear"
+    coregistration: Coregistration | None = None
+    clouds: tuple[CloudMask | None, CloudMask | None] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-friendly description for ``run.json``."""
-        return {
+        described = {
             "t1": {"source": self.t1.source, "bands": list(self.t1.band_names)},
             "t2": {"source": self.t2.source, "bands": list(self.t2.band_names)},
             "grid": self.grid.to_dict(),
             "reference_grid": self.reference.to_dict(),
             "resampling": self.resampling,
         }
+        if self.coregistration is not None:
+            described["coregistration"] = self.coregistration.to_dict()
+        if self.clouds is not None:
+            described["clouds"] = {d: None if m is None else m.to_dict() for d, m in zip(("t1", "t2"), self.clouds)}
+            described["cloud_fraction"] = {d: None if m is None else round(m.fraction, 4) for d, m in zip(("t1", "t2"), self.clouds)}
+        return described
 
 
 def _band_list(scene: Scene, most: int = 8) -> str:
@@ -223,8 +236,10 @@ class _FileReader:
             finer = own.pixel_area < grid.pixel_area
             method = Resampling.average if finer else Resampling[resampling]
             alpha = {"src_alpha": self.alpha} if self.alpha else {"add_alpha": True}  # the warper's alpha: last band
+            moved = {} if own.transform == self.dataset.transform else {"src_transform": own.transform}  # co-registered t2
             self.vrt = WarpedVRT(
                 self.dataset,
+                **moved,
                 crs=grid.crs,
                 transform=grid.transform,
                 width=grid.width,
@@ -287,11 +302,13 @@ class PairReader:
             try:
                 readers.append(_FileReader(path, [scene.bands[p] for p in pos], self.pair.grid, self.pair.resampling))
             except rasterio.errors.RasterioIOError as exc:
-                raise InputError(f"cannot read raster {path}: {exc}") from None
+                raise InputError(f"cannot read raster {display_url(path)}: {exc}") from None
             positions.append(pos)
         return readers, positions
 
-    def _read_scene(self, index: int, window: Window) -> tuple[np.ndarray, np.ndarray]:
+    def read_date(self, index: int, window: Window) -> tuple[np.ndarray, np.ndarray]:
+        """One date (0: t1, 1: t2) of ``window``: bands ``(C, h, w)`` float32 and its valid mask, clouds
+        and their shadows (when the pair has cloud masks) invalid."""
         readers, positions = self._readers[index]
         count = sum(len(p) for p in positions)
         out = np.empty((count, int(window.height), int(window.width)), np.float32)
@@ -300,15 +317,18 @@ class PairReader:
             try:
                 values, ok = reader.read(window)
             except rasterio.errors.RasterioIOError as exc:
-                raise InputError(f"cannot read {reader.dataset.name}: {str(exc).splitlines()[0]}") from None
+                raise InputError(read_failure(reader.dataset.name, exc)) from None
             out[pos] = values
             valid &= ok
+        mask = None if self.pair.clouds is None else self.pair.clouds[index]
+        if mask is not None:
+            valid &= ~mask.window(window)
         return out, valid
 
     def read(self, window: Window) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Aligned ``x1 (C1, h, w)``, ``x2 (C2, h, w)`` float32 and the joint valid mask ``(h, w)``."""
-        x1, v1 = self._read_scene(0, window)
-        x2, v2 = self._read_scene(1, window)
+        x1, v1 = self.read_date(0, window)
+        x2, v2 = self.read_date(1, window)
         return x1, x2, v1 & v2
 
     def close(self) -> None:

@@ -14,6 +14,7 @@ from pydantic import ConfigDict, Field, model_validator
 
 from changedet.options import Parameters
 from changedet.pipeline.align import RESAMPLING_CHOICES
+from changedet.pipeline.clouds import CLOUD_MASKS
 from changedet.pipeline.tiling import DEFAULT_BATCH_SIZE, BLEND_MODES, DEFAULT_OVERLAP, DEFAULT_TILE, MIN_TILE, Tiling
 from changedet.runtime.onnx import RUNTIMES
 
@@ -50,6 +51,13 @@ class DetectParams(Parameters):
     resolution: float | None = Field(None, gt=0.0, description="target pixel size in CRS units (default: t1's finest)")
     bands: list[str] | None = Field(None, description="comma-separated band names, descriptions or 1-based indexes")
     nodata: float | None = Field(None, description="nodata value for inputs that declare none")
+    coregister: bool = Field(False, description="correct the t2 -> t1 offset measured by phase correlation (always measured and "
+                             "reported in run.json) by moving t2's georeference in the warp; refused when the measurement is not trusted")
+    cloud_mask: Literal[CLOUD_MASKS] = Field("none", description="clouds and their shadows made invalid in every output: "  # type: ignore[valid-type]
+                                             "s2cloudless (Sentinel-2 L1C bands), scl (an L2A SCL band), auto (scl, else "
+                                             "s2cloudless, else none), none")
+    max_cloud: float | None = Field(None, ge=0.0, le=1.0, description="refuse a pair where either date's cloud (and "
+                                    "shadow) fraction of its valid pixels exceeds this (needs --cloud-mask)")
     resampling: Literal[RESAMPLING_CHOICES] = Field("bilinear", description="resampling for bands not on the common grid")  # type: ignore[valid-type]
     blend: Literal[BLEND_MODES] = Field("cosine", description="blending of overlapping tiles: cosine ramps, mean, or owner (each "  # type: ignore[valid-type]
                                         "pixel from the tile whose centre is nearest; the default with --smoothing-sigma)")
@@ -79,6 +87,8 @@ class DetectParams(Parameters):
     def _overlap_below_tile(self) -> "DetectParams":
         if self.overlap >= self.tile:
             raise ValueError(f"--overlap must be in [0, tile) = [0, {self.tile}), got {self.overlap}")
+        if self.max_cloud is not None and self.cloud_mask == "none":
+            raise ValueError("--max-cloud needs a cloud mask: add --cloud-mask auto (or s2cloudless, scl)")
         if self.threshold is not None and self.threshold_rule == "otsu":
             raise ValueError("--threshold fixes the threshold; --threshold-rule otsu chooses one per scene: give one of them")
         if self.smoothing_sigma is not None:

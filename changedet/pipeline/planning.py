@@ -14,7 +14,7 @@ import hashlib
 import json
 import time
 import warnings
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Callable
 
@@ -24,9 +24,12 @@ import changedet
 from changedet.errors import InputError, ModelError
 from changedet.normalization import Normalization
 from changedet.pipeline.align import AlignedPair, PairReader, align_pair
+from changedet.pipeline.clouds import CloudMask, cloud_mask, sun_angles
+from changedet.pipeline.coregistration import Coregistration, measure_offset, shifted_scene
 from changedet.pipeline.grid import Grid
 from changedet.pipeline.params import DEFAULT_MODEL, DetectParams
 from changedet.io.bands import model_roles, order_for_model, order_like, scene_roles
+from changedet.io.remote import is_remote, remote_identity
 from changedet.io.scene import BandSource, Scene, open_scene
 from changedet.pipeline.predictor import ModelSpec, SceneFit, TilePredictor, auto_model, resolve_model
 from changedet.pipeline.smoothing import Smoothing
@@ -61,6 +64,9 @@ class RunPlan:
 
 
 def _hash_file(path: str, digest: "hashlib._Hash", chunk: int = 1 << 22) -> None:
+    if is_remote(path):  # never downloaded whole: identified by URL and the server's ETag/size/date
+        digest.update(remote_identity(path))
+        return
     with open(path, "rb") as fh:
         while block := fh.read(chunk):
             digest.update(block)
@@ -68,10 +74,12 @@ def _hash_file(path: str, digest: "hashlib._Hash", chunk: int = 1 << 22) -> None
 
 def content_fingerprint(t1: Scene, t2: Scene, spec: ModelSpec, params: DetectParams) -> str:
     """Hash of the input files' bytes, the model (checkpoint bytes or name+config) and every
-    parameter that changes predictions — not of paths, so renamed or moved inputs still match."""
+    parameter that changes predictions — not of paths, so renamed or moved inputs still match.
+    With a cloud mask, every file of each date counts (the mask reads bands the model does not)."""
     digest = hashlib.blake2b(digest_size=16)
     for scene in (t1, t2):
-        for path in dict.fromkeys(b.path for b in scene.bands):
+        bands = open_scene(scene.source, None, params.nodata).bands if params.cloud_mask != "none" else scene.bands
+        for path in dict.fromkeys(b.path for b in bands):
             _hash_file(path, digest)
         digest.update(json.dumps([(b.name, b.index) for b in scene.bands]).encode())
     if spec.checkpoint is not None:
@@ -221,6 +229,44 @@ def _check_radiometry(pair: AlignedPair, tiles: list[Tile], spec: ModelSpec, mod
             )
 
 
+def coregistered(pair: AlignedPair, params: DetectParams, heterogeneous: bool) -> AlignedPair:
+    """``pair`` with its measured t2 -> t1 offset (:func:`~changedet.pipeline.coregistration.measure_offset`)
+    and, with ``params.coregister``, t2's georeference corrected and the common grid chosen again from the
+    corrected footprint; refused when a correction is asked for but the offset is not trusted."""
+    offset = measure_offset(pair)
+    if not params.coregister:
+        return replace(pair, coregistration=offset)
+    if offset.shift_px is None:
+        raise InputError(
+            f"--coregister: the t2 -> t1 offset cannot be trusted ({offset.confidence} confidence: {offset.reason}); "
+            "run without --coregister (the offset is still reported in run.json)"
+        )
+    t2 = shifted_scene(pair.t2, pair.grid, offset.shift_px)
+    corrected = align_pair(pair.t1, t2, params.crs, params.resolution, params.resampling, heterogeneous)
+    return replace(corrected, coregistration=replace(offset, applied=True))
+
+
+def with_clouds(pair: AlignedPair, specs: tuple[str, str], params: DetectParams) -> AlignedPair:
+    """``pair`` with the cloud masks of ``params.cloud_mask`` (:mod:`changedet.pipeline.clouds`); refused
+    above ``params.max_cloud``. A date ``auto`` finds no bands for is unmasked, with a warning."""
+    if params.cloud_mask == "none":
+        return pair
+    shift = pair.coregistration.shift_px if pair.coregistration is not None and pair.coregistration.applied else None
+    masks = []
+    for date, spec in enumerate(specs):
+        mask = cloud_mask(spec, pair, date, params.cloud_mask, shift if date == 1 else None, sun_angles(spec))
+        if mask is None:
+            warnings.warn(f"--cloud-mask auto: {('t1', 't2')[date]} has neither an SCL band nor the s2cloudless bands; "
+                          "its clouds are not masked", stacklevel=2)  # fmt: skip
+        elif params.max_cloud is not None and mask.fraction > params.max_cloud:
+            raise InputError(
+                f"{('t1', 't2')[date]} is {mask.fraction:.1%} cloud or shadow ({mask.method}), above --max-cloud "
+                f"{params.max_cloud:g} ({params.max_cloud:.0%}): choose a clearer acquisition or raise --max-cloud"
+            )
+        masks.append(mask)
+    return replace(pair, clouds=(masks[0], masks[1]))
+
+
 def plan_run(t1: str | Path, t2: str | Path, params: DetectParams, fingerprint: str | None = None) -> RunPlan:
     """Open both dates, resolve the model (choosing its bands), align, plan tiles, fit the scene.
 
@@ -248,6 +294,8 @@ def _plan(t1: str | Path, t2: str | Path, params: DetectParams, fingerprint: str
             f"common grid of {pair.grid.height} x {pair.grid.width} px ({pixels / 1e9:.1f} Gpx) exceeds the limit of "
             f"{params.max_pixels} px: check the inputs' declared size and --resolution, or raise --max-pixels"
         )
+    pair = coregistered(pair, params, spec.heterogeneous)
+    pair = with_clouds(pair, (str(t1), str(t2)), params)
     label = _model_label(params, spec)
     predictor = TilePredictor.of_params(spec, (scene1.count, scene2.count), params)
     _check_model_input_size(pair, predictor, label)
@@ -289,7 +337,7 @@ def plan_layout() -> str:
     """A digest of the changedet version and of the fields of a :class:`RunPlan` and of every value it
     holds: caches of pickled plans (the flow's plan task) key on it, so a plan pickled by other code is
     never loaded into this one."""
-    holds = (RunPlan, AlignedPair, Scene, BandSource, Grid, Tile, ModelSpec, SceneFit, Normalization, Smoothing)
+    holds = (RunPlan, AlignedPair, Coregistration, CloudMask, Scene, BandSource, Grid, Tile, ModelSpec, SceneFit, Normalization, Smoothing)
     layout = [changedet.__version__] + [f"{c.__qualname__}:{','.join(f.name for f in fields(c))}" for c in holds]
     layout.append(f"DetectParams:{','.join(DetectParams.model_fields)}")
     return hashlib.blake2b("|".join(layout).encode(), digest_size=6).hexdigest()
