@@ -15,3 +15,12 @@ import os
 os.environ.setdefault("GDAL_CACHEMAX", "64")
 
 __version__ = "0.2.0"
+
+
+def __getattr__(name: str):
+    """``changedet.detect_xarray``, imported on first use (``import changedet`` stays light: no torch, no xarray)."""
+    if name == "detect_xarray":
+        from changedet.xarray_api import detect_xarray
+
+        return detect_xarray
+    raise AttributeError(f"module 'changedet' has no attribute {name!r}")

@@ -1,4 +1,4 @@
-"""Command line: ``changedet detect``, ``evaluate``, ``train``, ``robustness``, ``domain-shift``, ``models``."""
+"""Command line: ``changedet detect``, ``evaluate``, ``train``, ``stac-search``, ``robustness``, ``domain-shift``, ``models``."""
 
 from __future__ import annotations
 
@@ -17,7 +17,8 @@ def _add_detect(sub: argparse._SubParsersAction) -> None:
     from changedet.pipeline.params import DetectParams
 
     p = sub.add_parser("detect", help="detect changes between two dates and write georeferenced maps")
-    p.add_argument("--t1", required=True, help="date 1: raster file, folder of per-band files, or glob")
+    p.add_argument("--t1", required=True, help="date 1: raster file, folder of per-band files, glob, raster URL "
+                   "(http(s)://, s3://, gs://: range reads) or STAC Item (.json path or URL)")
     p.add_argument("--t2", required=True, help="date 2: same forms as --t1")
     p.add_argument("--out", required=True, help="output folder")
     add_model_options(p, DetectParams)
@@ -32,6 +33,40 @@ def _add_evaluate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--change-value", type=int, default=None, help="label value meaning change (default: inferred)")
     p.add_argument("--ignore-value", type=int, action="append", default=None, help="label value to skip (repeatable)")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+
+
+def _add_stac_search(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("stac-search", help="save the items of a STAC API search as JSON files, to give as --t1/--t2")
+    p.add_argument("--api", required=True, help="STAC API root URL (with /search)")
+    p.add_argument("--collection", required=True, action="append", help="collection id (repeatable)")
+    p.add_argument("--bbox", type=_bbox, default=None, help="west,south,east,north in WGS84 degrees")
+    p.add_argument("--datetime", default=None, help="a date, or a range such as 2020-01-01/2020-12-31")
+    p.add_argument("--max-cloud", type=float, default=None, help="leave out items above this eo:cloud_cover fraction (0-1)")
+    p.add_argument("--limit", type=int, default=100, help="at most this many items")
+    p.add_argument("--out", required=True, help="folder for the item files (<id>.json)")
+
+
+def _bbox(text: str) -> tuple[float, float, float, float]:
+    try:
+        west, south, east, north = (float(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not west,south,east,north") from None
+    if not (-180 <= west < east <= 180 and -90 <= south < north <= 90):
+        raise argparse.ArgumentTypeError(f"{text!r}: need -180 <= west < east <= 180 and -90 <= south < north <= 90")
+    return west, south, east, north
+
+
+def _run_stac_search(args: argparse.Namespace) -> int:
+    from changedet.io.stac import save_item, search_items
+
+    logging.getLogger("urllib3").setLevel(logging.ERROR)  # its retry warnings: the error line says what failed
+    items = search_items(args.api, args.collection, args.bbox, args.datetime, args.max_cloud, args.limit)
+    for item in items:
+        cloud = item.properties.get("eo:cloud_cover")
+        print(f"{save_item(item, args.out)}\t{item.datetime.isoformat() if item.datetime else ''}\t"
+              f"{'' if cloud is None else f'{float(cloud):.1f}% cloud'}")
+    print(f"{len(items)} item(s) in {args.out}", file=sys.stderr)
+    return 0
 
 
 def _add_train(sub: argparse._SubParsersAction) -> None:
@@ -151,6 +186,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_detect(sub)
     _add_evaluate(sub)
     _add_train(sub)
+    _add_stac_search(sub)
     _add_stages(sub)
     sub.add_parser("models", help="list registered models")
     return parser
@@ -160,7 +196,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point; returns the exit status with one ``error: <reason>`` line on stderr
     (statuses in :mod:`changedet.failures`: 1 system, 2 bad input, 3 internal, 75 busy, 130 interrupted)."""
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s")
-    runners = {"detect": _run_detect, "evaluate": _run_evaluate, "train": _run_train, "models": _run_models}
+    runners = {"detect": _run_detect, "evaluate": _run_evaluate, "train": _run_train, "models": _run_models,
+               "stac-search": _run_stac_search}
 
     def work(args: list[str]) -> int:
         parsed = build_parser().parse_args(args)

@@ -19,7 +19,7 @@ from rasterio.errors import NotGeoreferencedWarning, RasterioError, RasterioIOEr
 from rasterio.windows import Window
 
 from changedet.errors import InputError
-from changedet.io.remote import display_url, gdal_path, is_remote
+from changedet.io.remote import display_url, gdal_path, is_remote, read_failure
 from changedet.io.stac import is_stac_item, item_bands, load_item
 from changedet.pipeline.grid import Grid
 
@@ -100,6 +100,8 @@ def _band_sources(path: str, name_prefix: str | None, nodata: float | None) -> l
         try:  # the last pixel lives in the last block: a truncated file fails here, not mid-run
             ds.read(1, window=Window(ds.width - 1, ds.height - 1, 1, 1))
         except RasterioError as exc:
+            if is_remote(path):
+                raise InputError(read_failure(path, exc)) from None
             raise InputError(f"raster {display_url(path)} is truncated or corrupt: {str(exc).splitlines()[0]}") from None
         complex_bands = [i for i, dtype in enumerate(ds.dtypes, start=1) if "complex" in dtype]  # incl. CInt16
         if complex_bands:

@@ -154,3 +154,44 @@ def sun_angles(item: pystac.Item) -> tuple[float, float] | None:
     if elevation is None and properties.get("s2:mean_solar_zenith") is not None:
         elevation = 90.0 - float(properties["s2:mean_solar_zenith"])
     return None if azimuth is None or elevation is None else (float(azimuth), float(elevation))
+
+
+def search_items(api: str, collections: list[str], bbox: tuple[float, float, float, float] | None = None,
+                 datetime: str | None = None, max_cloud: float | None = None, limit: int = 100) -> list[pystac.Item]:  # fmt: skip
+    """Items of a STAC API (``/search``, through pystac-client) over ``bbox`` (WGS84 west, south, east,
+    north) and ``datetime`` (``2020-01-01/2020-12-31``), oldest first, at most ``limit``; with ``max_cloud`` (a fraction), items whose
+    ``eo:cloud_cover`` (percent) is above it or unknown are left out. Asset hrefs relative to an
+    item's self link are made absolute, so a saved item is usable anywhere. :class:`InputError` when the API cannot be
+    reached or refuses the search."""
+    import pystac_client
+    import requests
+
+    try:
+        client = pystac_client.Client.open(api)
+        search = client.search(collections=collections, bbox=bbox, datetime=datetime, max_items=limit)
+        items = list(search.items())
+    except requests.ConnectionError as exc:
+        raise InputError(f"cannot reach STAC API {api}: {exc.__class__.__name__}") from None
+    except (pystac_client.exceptions.APIError, pystac.STACError, requests.RequestException, ValueError) as exc:
+        reason = str(exc).splitlines()[0] if str(exc) else exc.__class__.__name__
+        if "Failed to establish a new connection" in reason or "Name or service not known" in reason:
+            raise InputError(f"cannot reach STAC API {api}: no connection") from None
+        raise InputError(f"STAC API {api} refused the search: {reason[:300]}") from None
+    if max_cloud is not None:
+        items = [i for i in items if i.properties.get("eo:cloud_cover") is not None
+                 and float(i.properties["eo:cloud_cover"]) <= 100.0 * max_cloud]  # fmt: skip
+    for item in items:
+        if item.get_self_href():  # API items' hrefs are absolute already, as a rule
+            item.make_asset_hrefs_absolute()
+    return sorted(items, key=lambda i: (i.datetime or i.common_metadata.start_datetime, i.id))
+
+
+def save_item(item: pystac.Item, folder: str | Path) -> Path:
+    """Write ``item`` as ``folder/<id>.json`` (atomically: a temporary file renamed into place)."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"{item.id.replace('/', '_')}.json"
+    partial = path.with_name(f".{path.name}.partial")
+    partial.write_text(json.dumps(item.to_dict(include_self_link=False, transform_hrefs=False), indent=1))
+    partial.replace(path)
+    return path
