@@ -23,3 +23,7 @@ class OutputError(ChangeDetError):
 
 class BusyError(ChangeDetError):
     """Another live run holds the output folder (exit status 75: retry later)."""
+
+
+class CloudyError(InputError):
+    """A date is cloudier than ``--max-cloud`` allows (the inbox flow skips such a pair and says so)."""

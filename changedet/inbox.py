@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from changedet.errors import InputError
+from changedet.io.remote import is_remote
 from changedet.io.scene import RASTER_SUFFIXES
 from changedet.pipeline.output_table import RUN_JSON
 
@@ -22,17 +23,18 @@ class PairJob:
 
 
 def _date_input(folder: Path, date: str) -> Path | None:
-    """``folder/t1`` (a folder of band files) or ``folder/t1.<raster suffix>``."""
+    """``folder/t1`` (a folder of band files), ``folder/t1.<raster suffix>`` or ``folder/t1.json`` (a STAC Item)."""
     if (folder / date).is_dir():
         return folder / date
-    for suffix in RASTER_SUFFIXES:
+    for suffix in (*RASTER_SUFFIXES, ".json"):
         if (folder / f"{date}{suffix}").is_file():
             return folder / f"{date}{suffix}"
     return None
 
 
 def discover_pairs(source: str | Path) -> list[PairJob]:
-    """Pairs in ``source``: a CSV with columns ``name,t1,t2`` (paths relative to the CSV allowed), or
+    """Pairs in ``source``: a CSV with columns ``name,t1,t2`` (paths relative to the CSV, URLs and STAC
+    Item URLs allowed), or
     a folder whose sub-folders each hold ``t1`` and ``t2`` (folders or single rasters ``t1.tif``…)."""
     source = Path(source)
     if source.is_file():
@@ -41,7 +43,7 @@ def discover_pairs(source: str | Path) -> list[PairJob]:
         missing = {"name", "t1", "t2"} - set(rows[0] if rows else {})
         if missing:
             raise InputError(f"pair list {source} needs columns name,t1,t2 (missing {', '.join(sorted(missing))})")
-        return [PairJob(r["name"], str(source.parent / r["t1"]), str(source.parent / r["t2"])) for r in rows]
+        return [PairJob(r["name"], *(r[d] if is_remote(r[d]) else str(source.parent / r[d]) for d in ("t1", "t2"))) for r in rows]
     if not source.is_dir():
         raise InputError(f"inbox {source} is neither a folder nor a pair list")
     jobs = []

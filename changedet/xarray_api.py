@@ -148,11 +148,10 @@ def _north_up(da: xr.DataArray, label: str, y_dim: str, x_dim: str) -> tuple[xr.
 
 def _nodata(da: xr.DataArray, label: str) -> float | None:
     """The declared nodata (``rio.nodata``, else ``rio.encoded_nodata``), refused when the dtype cannot hold it."""
-    nodata = da.rio.nodata if da.rio.nodata is not None else da.rio.encoded_nodata
-    if nodata is not None and da.dtype.kind in "iu":
-        info = np.iinfo(da.dtype)
-        if not (float(nodata).is_integer() and info.min <= nodata <= info.max):
-            raise InputError(f"{label}'s nodata {float(nodata):g} cannot occur in its {da.dtype} values: fix rio.write_nodata")
+    try:
+        nodata = da.rio.nodata if da.rio.nodata is not None else da.rio.encoded_nodata
+    except (OverflowError, ValueError) as exc:  # rioxarray: a nodata its dtype cannot hold
+        raise InputError(f"{label}'s nodata does not fit its values: {exc} (fix it with .rio.write_nodata)") from None
     return None if nodata is None else float(nodata)
 
 

@@ -39,8 +39,9 @@ from changedet.pipeline.detect import (
     write_outputs,
 )
 from changedet.pipeline.output_table import QUICKLOOK, output_names
+from changedet.pipeline.clouds import CLOUD_MASKS
 from changedet.pipeline.params import DEFAULT_MODEL, DetectParams
-from changedet.errors import ChangeDetError
+from changedet.errors import ChangeDetError, CloudyError
 from changedet.failures import ErrorLineParser, command_main
 from changedet.options import add_model_options, given_values
 from changedet.inbox import PairJob, discover_pairs, outputs_current
@@ -192,16 +193,25 @@ def task_runner(dask_address: str | None = None, workers: int | None = None) -> 
 
 
 @flow(name="detect-inbox", log_prints=True)
-def process_inbox(inbox: str, out_root: str, model: str = DEFAULT_MODEL, dask_address: str | None = None) -> list[str]:
-    """Run :func:`detect_pair` for every pair in ``inbox`` whose outputs are missing or stale."""
-    processed = []
+def process_inbox(inbox: str, out_root: str, model: str = DEFAULT_MODEL, dask_address: str | None = None,
+                  cloud_mask: str = "none", max_cloud: float | None = None, coregister: bool = False) -> list[str]:  # fmt: skip
+    """Run :func:`detect_pair` for every pair in ``inbox`` whose outputs are missing or stale. A pair
+    with a date cloudier than ``max_cloud`` is skipped, and the log says which date and how cloudy."""
+    processed, cloudy = [], []
     jobs: list[PairJob] = discover_pairs(inbox)
     for job in jobs:
-        params = DetectFlowParams(t1=job.t1, t2=job.t2, out=str(Path(out_root) / job.name), name=job.name, model=model, overwrite=True)
-        summary = detect_pair.with_options(task_runner=task_runner(dask_address))(params)
+        params = DetectFlowParams(t1=job.t1, t2=job.t2, out=str(Path(out_root) / job.name), name=job.name, model=model,
+                                  overwrite=True, cloud_mask=cloud_mask, max_cloud=max_cloud, coregister=coregister)  # fmt: skip
+        try:
+            summary = detect_pair.with_options(task_runner=task_runner(dask_address))(params)
+        except CloudyError as exc:
+            print(f"skipped {job.name}: {exc}")
+            cloudy.append(job.name)
+            continue
         if not summary.get("skipped"):
             processed.append(job.name)
-    print(f"{len(jobs)} pairs in {inbox}, processed: {', '.join(processed) or 'none'}")
+    print(f"{len(jobs)} pairs in {inbox}, processed: {', '.join(processed) or 'none'}"
+          + (f"; skipped as too cloudy: {', '.join(cloudy)}" if cloudy else ""))  # fmt: skip
     return processed
 
 
@@ -220,6 +230,9 @@ def build_parser() -> ErrorLineParser:
     serve.add_argument("--out-root", default="outputs/inbox")
     serve.add_argument("--cron", default="*/15 * * * *")
     serve.add_argument("--model", default=DEFAULT_MODEL)
+    serve.add_argument("--cloud-mask", choices=CLOUD_MASKS, default="none", help=DetectFlowParams.model_fields["cloud_mask"].description)
+    serve.add_argument("--max-cloud", type=float, default=None, help=DetectFlowParams.model_fields["max_cloud"].description)
+    serve.add_argument("--coregister", action="store_true", help=DetectFlowParams.model_fields["coregister"].description)
     return parser
 
 
@@ -246,7 +259,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         process_inbox.serve(
             name="changedet-inbox",
             cron=parsed.cron,
-            parameters={"inbox": parsed.inbox, "out_root": parsed.out_root, "model": parsed.model},
+            parameters={"inbox": parsed.inbox, "out_root": parsed.out_root, "model": parsed.model, "cloud_mask": parsed.cloud_mask,
+                        "max_cloud": parsed.max_cloud, "coregister": parsed.coregister},  # fmt: skip
         )
         return 0
 

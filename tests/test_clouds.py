@@ -15,6 +15,7 @@ from changedet import cli
 from changedet.pipeline.clouds import project_shadow
 from changedet.pipeline.detect import DetectParams, detect_changes
 from changedet.testing.clouds import write_clouded_date
+from flows.detect import process_inbox  # at collection: Prefect's log handlers bind to pytest's stream
 from tests.conftest import write_raster
 from tests.reliability import assert_failed_cleanly, assert_one_error_line, snapshot, Case
 
@@ -103,3 +104,16 @@ def test_shadows_are_cast_away_from_the_sun():
     east = project_shadow(cloud, dark, sun_azimuth=270.0, sun_elevation=30.0, pixel_m=60.0)  # sun in the west
     assert np.nonzero(east)[1].min() >= 60
     assert not project_shadow(cloud, np.zeros_like(dark), 180.0, 45.0, 60.0).any()  # only where it is dark
+
+
+def test_inbox_flow_skips_a_pair_too_cloudy_and_says_so(sample_city, clouded, prefect_api, tmp_path, caplog):
+    for name, t2 in (("clear", sample_city / "imgs_2"), ("cloudy", clouded[0])):
+        (tmp_path / "inbox" / name).mkdir(parents=True)
+        shutil.copytree(sample_city / "imgs_1", tmp_path / "inbox" / name / "t1")
+        shutil.copytree(t2, tmp_path / "inbox" / name / "t2")
+    processed = process_inbox(str(tmp_path / "inbox"), str(tmp_path / "outputs"), cloud_mask="s2cloudless", max_cloud=0.05)
+    assert processed == ["clear"]
+    assert (tmp_path / "outputs" / "clear" / "change_mask.tif").is_file()
+    assert not list((tmp_path / "outputs").glob("cloudy/*.tif"))
+    logged = "\n".join(r.getMessage() for r in caplog.records)
+    assert "skipped cloudy: t2 is" in logged and "above --max-cloud" in logged and "skipped as too cloudy: cloudy" in logged

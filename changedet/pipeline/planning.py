@@ -21,7 +21,7 @@ from typing import Callable
 import numpy as np
 
 import changedet
-from changedet.errors import InputError, ModelError
+from changedet.errors import CloudyError, InputError, ModelError
 from changedet.normalization import Normalization
 from changedet.pipeline.align import AlignedPair, PairReader, align_pair
 from changedet.pipeline.clouds import CloudMask, cloud_mask, sun_angles
@@ -259,7 +259,7 @@ def with_clouds(pair: AlignedPair, specs: tuple[str, str], params: DetectParams)
             warnings.warn(f"--cloud-mask auto: {('t1', 't2')[date]} has neither an SCL band nor the s2cloudless bands; "
                           "its clouds are not masked", stacklevel=2)  # fmt: skip
         elif params.max_cloud is not None and mask.fraction > params.max_cloud:
-            raise InputError(
+            raise CloudyError(
                 f"{('t1', 't2')[date]} is {mask.fraction:.1%} cloud or shadow ({mask.method}), above --max-cloud "
                 f"{params.max_cloud:g} ({params.max_cloud:.0%}): choose a clearer acquisition or raise --max-cloud"
             )
