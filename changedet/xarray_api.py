@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import tempfile
+import warnings
 from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,7 +27,7 @@ from rasterio.windows import Window
 from rioxarray.exceptions import RioXarrayError
 
 from changedet.errors import ChangeDetError, InputError, OutputError
-from changedet.io.scene import band_name_from_filename
+from changedet.io.scene import band_name_from_filename, open_scene
 from changedet.options import ParameterError
 from changedet.pipeline.detect import DetectParams, DetectResult, detect_changes, open_inputs
 from changedet.pipeline.output_table import CERTIFIED_RADIUS, DIFFERENCE, MASK, OUTPUTS, PROBABILITY
@@ -40,7 +41,7 @@ BLOCK_BYTES = 64 << 20
 
 @dataclass(frozen=True)
 class _Date:
-    """One validated date: ``data`` as (band, y, x) (dims renamed so), north-up, and how its band files are written."""
+    """One validated date: ``data`` with dims (band, y, x), north-up, and how its band files are written."""
 
     label: str
     data: xr.DataArray
@@ -131,7 +132,7 @@ def _north_up(da: xr.DataArray, label: str, y_dim: str, x_dim: str) -> tuple[xr.
         raise InputError(f"{label} has a zero pixel size in its transform {tuple(transform)[:6]}")
     declared = _declared_transform(da)
     if declared is not None:  # sliced arrays keep the full grid's transform: whole-pixel offsets only
-        col, row = ~declared * (transform.c, transform.f)
+        col, row = ~declared @ (transform.c, transform.f)
         if max(abs(col - round(col)), abs(row - round(row))) > 1e-3:
             raise InputError(f"{label}'s coordinates are offset by ({col:.2f}, {row:.2f}) px from its declared transform "
                              f"{tuple(declared)[:6]}: coordinates must be pixel centres (stackstac: xy_coords='center')")
@@ -142,7 +143,7 @@ def _north_up(da: xr.DataArray, label: str, y_dim: str, x_dim: str) -> tuple[xr.
             raise InputError(f"{label}'s {dim} coordinates are not the regular pixel centres of its transform "
                              f"{tuple(transform)[:6]}: irregular or inconsistent coordinates")
     sx, sy = (-1 if transform.a < 0 else 1), (-1 if transform.e > 0 else 1)  # flip to x ascending, y descending
-    flipped = transform * Affine.translation(width if sx < 0 else 0, height if sy < 0 else 0) * Affine.scale(sx, sy)
+    flipped = transform @ Affine.translation(width if sx < 0 else 0, height if sy < 0 else 0) @ Affine.scale(sx, sy)
     return da.isel({x_dim: slice(None, None, sx), y_dim: slice(None, None, sy)}), flipped
 
 
@@ -164,8 +165,7 @@ def _prepare(da: Any, label: str, band_dim: str | None) -> _Date:
     da = _band_dim(da, label, spatial, band_dim)
     if 0 in da.shape:
         raise InputError(f"{label} is empty ({dict(da.sizes)})")
-    if da.dtype == np.float16:
-        da = da.astype("float32")
+    da = da.astype("float32") if da.dtype == np.float16 else da  # GeoTIFF has no float16
     if da.dtype.kind not in "uif" or not rasterio.dtypes.check_dtype(da.dtype):
         hint = "give amplitude or intensity as real bands" if da.dtype.kind == "c" else "cast it, e.g. .astype('float32')"
         raise InputError(f"{label} has {da.dtype} values, which a GeoTIFF band cannot hold: {hint}")
@@ -205,12 +205,14 @@ def _write_date(date: _Date, folder: Path) -> None:
 
 def _keep_order(params: DetectParams, dates: tuple[_Date, _Date], folders: tuple[Path, Path]) -> DetectParams:
     """``params`` selecting the DataArrays' band order (a folder is read in Sentinel-2, then name order)
-    for models that take bands by position; models that name their bands pick them by name as from a folder."""
-    scene1, _, spec = open_inputs(folders[0], folders[1], params)
-    names1, names2 = dates[0].names, dates[1].names
-    if spec.bands is None and sorted(names1) == sorted(names2) and scene1.band_names != names1:
-        return DetectParams(**{**params.model_dump(), "bands": list(names1)})
-    return params
+    unless the model names its bands (it picks them by name, as from a folder)."""
+    names = dates[0].names
+    if sorted(names) != sorted(dates[1].names) or open_scene(folders[0]).band_names == names:
+        return params
+    with warnings.catch_warnings():  # the run itself warns
+        warnings.simplefilter("ignore")
+        spec = open_inputs(folders[0], folders[1], params)[2]
+    return params if spec.bands is not None else DetectParams(**{**params.model_dump(), "bands": list(names)})
 
 
 def _summary_attrs(summary: dict[str, Any]) -> dict[str, str | int | float]:
@@ -237,8 +239,7 @@ def _read_outputs(result: DetectResult) -> xr.Dataset:
         with rioxarray.open_rasterio(result.path(name), masked=False) as opened:
             raster = opened.load()
         crs, transform, nodata = raster.rio.crs, raster.rio.transform(), raster.rio.nodata
-        raster = raster.squeeze("band", drop=True) if raster.sizes["band"] == 1 else raster
-        raster = raster.drop_vars("spatial_ref", errors="ignore")
+        raster = (raster.squeeze("band", drop=True) if raster.sizes["band"] == 1 else raster).drop_vars("spatial_ref", errors="ignore")
         raster.attrs, raster.encoding = {"long_name": OUTPUTS[name].description}, {}
         variables[var] = raster.rio.write_nodata(nodata, encoded=False)
     dataset = xr.Dataset(variables, attrs=_summary_attrs(result.summary))

@@ -127,10 +127,18 @@ def test_dask_backed_input_gives_the_same_result(stacks, xr_run):
     assert ds.rio.transform() == xr_run.rio.transform() and ds.attrs["threshold"] == xr_run.attrs["threshold"]
 
 
+def test_models_that_name_their_bands_pick_them_by_name(stacks, xr_run):
+    reversed_order = list(SENTINEL2_ORDER[::-1])
+    ds = changedet.detect_xarray(*(s.sel(band=reversed_order) for s in stacks))
+    assert ds.attrs["bands_t1"] == xr_run.attrs["bands_t1"]  # oscd-s2's order, as from a folder
+    assert np.array_equal(ds.probability.values, xr_run.probability.values)
+
+
 def test_common_names_keep_their_names_and_order(ten_metre, cva_run):
     names = ["blue", "green", "red", "nir"]  # read from <name>.tif; a folder would sort them
     ds = changedet.detect_xarray(*(t.assign_coords(band=names) for t in ten_metre), model="cva")
     assert ds.attrs["bands_t1"] == ds.attrs["bands_t2"] == '["blue", "green", "red", "nir"]'
+    assert "warnings" not in ds.attrs  # no reordering
     for var in VARIABLES:
         assert np.array_equal(ds[var].values, cva_run[var].values), var
 

@@ -11,10 +11,12 @@ without code:
 ``GDAL_HTTP_RETRY_CODES``               ...      ``429,500,502,503,504``: what is worth retrying
 ``GDAL_HTTP_CONNECTTIMEOUT``            ``15``   seconds to connect
 ``GDAL_HTTP_TIMEOUT``                   ``60``   seconds for a request
-``GDAL_DISABLE_READDIR_ON_OPEN``        ``EMPTY_DIR``  no directory listing per file opened
-``VSI_CACHE``                           ``TRUE`` cache the blocks read (per file)
 ``GDAL_HTTP_MERGE_CONSECUTIVE_RANGES``  ``YES``  one request for adjacent blocks
 ======================================  =======  ===============================================
+
+Remote files are opened with :data:`REMOTE_OPEN_OPTIONS` (``GDAL_DISABLE_READDIR_ON_OPEN=EMPTY_DIR``:
+no listing of the folder, an extra request or a refused S3 ``LIST``, for each file); local files keep
+GDAL's default, which finds sidecars such as an ENVI ``.hdr``.
 
 Credentials for ``/vsis3/`` and ``/vsigs/`` are GDAL's usual ones (``AWS_*``, ``GS_*``, or
 ``AWS_NO_SIGN_REQUEST=YES`` for public buckets).
@@ -37,10 +39,9 @@ GDAL_HTTP_DEFAULTS = {
     "GDAL_HTTP_RETRY_CODES": "429,500,502,503,504",
     "GDAL_HTTP_CONNECTTIMEOUT": "15",
     "GDAL_HTTP_TIMEOUT": "60",
-    "GDAL_DISABLE_READDIR_ON_OPEN": "EMPTY_DIR",
-    "VSI_CACHE": "TRUE",
     "GDAL_HTTP_MERGE_CONSECUTIVE_RANGES": "YES",
 }
+REMOTE_OPEN_OPTIONS = {"GDAL_DISABLE_READDIR_ON_OPEN": "EMPTY_DIR"}
 _VSI_PREFIX = {"http": "/vsicurl/", "https": "/vsicurl/", "s3": "/vsis3/", "gs": "/vsigs/"}
 _RETRY_CODES_DEFAULT = (429, 500, 502, 503, 504)
 

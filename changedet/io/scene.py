@@ -19,7 +19,7 @@ from rasterio.errors import NotGeoreferencedWarning, RasterioError, RasterioIOEr
 from rasterio.windows import Window
 
 from changedet.errors import InputError
-from changedet.io.remote import display_url, gdal_path, is_remote, read_failure
+from changedet.io.remote import REMOTE_OPEN_OPTIONS, display_url, gdal_path, is_remote, read_failure
 from changedet.io.stac import is_stac_item, item_bands, load_item
 from changedet.pipeline.grid import Grid
 
@@ -67,9 +67,10 @@ class Scene:
 
 def open_raster(path: str | Path):
     """``rasterio.open`` for reading, without the warning for rasters that have no georeference;
-    :class:`InputError` with GDAL's reason when the file cannot be read."""
+    :class:`InputError` with GDAL's reason when the file cannot be read. A remote file is opened
+    without listing its folder (:data:`~changedet.io.remote.REMOTE_OPEN_OPTIONS`)."""
     try:
-        with warnings.catch_warnings():
+        with warnings.catch_warnings(), rasterio.Env(**(REMOTE_OPEN_OPTIONS if is_remote(str(path)) else {})):
             warnings.simplefilter("ignore", NotGeoreferencedWarning)
             return rasterio.open(path)
     except RasterioIOError as exc:
