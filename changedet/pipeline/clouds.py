@@ -111,7 +111,7 @@ def _coarse_grid(grid: Grid, scene: Scene) -> tuple[Grid, int]:
     west, south, east, north = coarsest.grid.bounds_in(grid.crs)
     native = ((east - west) / coarsest.grid.width) if grid.crs is not None else abs(coarsest.grid.transform.a)
     factor = max(1, int(round(native / abs(grid.transform.a))))
-    coarse = Grid(grid.crs, grid.transform * Affine.scale(factor), -(-grid.width // factor), -(-grid.height // factor))
+    coarse = Grid(grid.crs, grid.transform @ Affine.scale(factor), -(-grid.width // factor), -(-grid.height // factor))
     return coarse, factor
 
 

@@ -113,7 +113,7 @@ def _lattice_offset(pair: AlignedPair, positions: list[int]) -> tuple[float, flo
         return None
     if not np.allclose(own.res, grid.res, rtol=1e-9, atol=0):
         return None
-    u, v = ~own.transform * (grid.transform.c, grid.transform.f)
+    u, v = ~own.transform @ (grid.transform.c, grid.transform.f)
     return float(u - np.round(u)), float(v - np.round(v))
 
 
@@ -136,7 +136,7 @@ def measure_offset(pair: AlignedPair) -> Coregistration:
         return _unmeasured("t1 and t2 do not share bands (different sensors): phase correlation needs the same bands")
     p1, p2 = [c[0] for c in common], [c[1] for c in common]
     lattice = _lattice_offset(pair, p2) or (0.0, 0.0)
-    on_lattice = replace(pair, grid=replace(pair.grid, transform=pair.grid.transform * Affine.translation(-lattice[0], -lattice[1])))
+    on_lattice = replace(pair, grid=replace(pair.grid, transform=pair.grid.transform @ Affine.translation(-lattice[0], -lattice[1])))
     side, windows = _window_layout(pair.grid)
     shifts = []
     with PairReader(pair) as grid_reader, PairReader(on_lattice) as lattice_reader:
@@ -167,7 +167,7 @@ def measure_offset(pair: AlignedPair) -> Coregistration:
 def _ground_offset(grid: Grid, shift: tuple[float, float], crs: Any) -> tuple[float, float]:
     """The displacement of a ``shift`` of the common grid's pixels, in ``crs`` units at the grid's centre."""
     t = grid.transform
-    cx, cy = t * (grid.width / 2, grid.height / 2)
+    cx, cy = t @ (grid.width / 2, grid.height / 2)
     gx, gy = t.a * shift[0] + t.b * shift[1], t.d * shift[0] + t.e * shift[1]
     if crs is None or crs == grid.crs:
         return gx, gy
@@ -183,6 +183,6 @@ def shifted_scene(scene: Scene, grid: Grid, shift: tuple[float, float]) -> Scene
     bands = []
     for band in scene.bands:
         gx, gy = _ground_offset(grid, shift, band.grid.crs)
-        moved = replace(band.grid, transform=Affine.translation(-gx, -gy) * band.grid.transform)
+        moved = replace(band.grid, transform=Affine.translation(-gx, -gy) @ band.grid.transform)
         bands.append(replace(band, grid=moved))
     return replace(scene, bands=tuple(bands))

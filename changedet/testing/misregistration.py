@@ -26,5 +26,5 @@ def write_shifted_date(src: str | Path, dst: str | Path, shift_px: tuple[float, 
         shutil.copyfile(path, target)
         if path.suffix.lower() in (".tif", ".tiff"):
             with rasterio.open(target, "r+") as ds:
-                ds.transform = Affine.translation(gx, gy) * ds.transform
+                ds.transform = Affine.translation(gx, gy) @ ds.transform
     return dst
