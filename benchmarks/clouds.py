@@ -24,8 +24,8 @@ import numpy as np
 
 from changedet.evaluate import evaluate_mask
 from changedet.io.scene import open_scene
-from changedet.pipeline.align import align_pair
-from changedet.pipeline.clouds import S2CLOUDLESS_BANDS, _coarse_grid, _read_date, s2cloudless_mask
+from changedet.pipeline.align import align_pair, read_scene_on_grid
+from changedet.pipeline.clouds import S2CLOUDLESS_BANDS, coarse_grid, s2cloudless_mask
 from changedet.pipeline.detect import DetectParams, detect_changes
 from changedet.testing.clouds import write_clouded_date
 
@@ -40,8 +40,8 @@ def false_alarms(folder: Path) -> list[float]:
     """Fraction of valid coarse pixels s2cloudless flags in one date, per threshold of :data:`THRESHOLDS`."""
     scene = open_scene(folder, list(S2CLOUDLESS_BANDS))
     pair = align_pair(scene, scene)
-    coarse, _ = _coarse_grid(pair.grid, scene)
-    values, valid = _read_date(scene, pair, coarse, "bilinear")
+    coarse, _ = coarse_grid(pair.grid, scene)
+    values, valid = read_scene_on_grid(scene, pair, coarse, "bilinear")
     return [float(m.sum() / max(1, valid.sum())) for m in s2cloudless_mask(values, valid, THRESHOLDS)]
 
 

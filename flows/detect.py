@@ -38,7 +38,7 @@ from changedet.pipeline.detect import (
     remove_tile_store,
     write_outputs,
 )
-from changedet.pipeline.output_table import QUICKLOOK, output_names
+from changedet.pipeline.output_table import QUICKLOOK, REPORT_HTML, output_names
 from changedet.pipeline.clouds import CLOUD_MASKS
 from changedet.pipeline.params import DEFAULT_MODEL, DetectParams
 from changedet.errors import ChangeDetError, CloudyError
@@ -134,7 +134,8 @@ def write(run_plan: RunPlan, store_root: str, params: DetectFlowParams, timings:
 
 @task
 def report(summary: dict[str, Any], params: DetectFlowParams) -> None:
-    """Publish a markdown artifact with inputs, changed area, counts and timings."""
+    """Publish a markdown artifact with inputs, changed area, counts, timings and links to ``report.html``
+    and ``quicklook.png``."""
     counts, changes, t = summary["counts"], summary["changes"], summary["timings"]
     grid = summary["grid"]
     rows = [
@@ -145,7 +146,9 @@ def report(summary: dict[str, Any], params: DetectFlowParams) -> None:
         ("changed pixels", f"{counts['changed_pixels']} of {counts['valid_pixels']} valid"),
         ("tiles", f"{counts['tiles']} ({counts['skipped_tiles']} without data)"),
         ("time", " · ".join(f"{k[:-2]} {v:.1f}s" for k, v in t.items())),
-        ("thumbnail", f"[{QUICKLOOK}]({(Path(params.out) / QUICKLOOK).resolve().as_uri()})"),
+        ("report", f"[{REPORT_HTML}]({(Path(params.out) / REPORT_HTML).resolve().as_uri()}) (self-contained page: imagery, "
+                   "change overlay, regions, trust warnings)"),
+        ("quicklook", f"[{QUICKLOOK}]({(Path(params.out) / QUICKLOOK).resolve().as_uri()})"),
     ]
     table = "\n".join(f"| {k} | {v} |" for k, v in rows)
     create_markdown_artifact(

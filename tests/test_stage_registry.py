@@ -49,7 +49,7 @@ def test_every_stage_honours_the_contract(name):
     # exactly one clean setting per variant (what is left once the clean/zero entries are dropped)
     variants = [_key({k: v for k, v in s.items() if v not in (CLEAN, 0.0)}) for s in clean]
     assert clean and len(set(variants)) == len(variants)
-    assert report_names(name) == [REPORT, "report.md", stage.plot_name] and stage.plot_name.endswith(".png")
+    assert report_names(name) == [REPORT, "report.md", "report.html", stage.plot_name] and stage.plot_name.endswith(".png")
     fields = [f for f in stage.config.model_fields if f != "stage"]
     for parser in (build_parser(), flow_parser()):
         assert {field_option(stage.config, f) for f in fields} <= _options(parser, name)
@@ -147,6 +147,8 @@ def test_a_registered_stage_appears_in_the_cli_the_flow_and_the_report(toy_stage
     report = json.loads((out / REPORT).read_text())
     assert [(r["level"], r["f1"]) for r in report["rows"]] == [(0.0, 1.0), (5.0, pytest.approx(2 / 3))]
     assert "| 5 | 0.6667 |" in (out / "report.md").read_text() and (out / "toy.png").stat().st_size > 1000
+    page = (out / "report.html").read_text()
+    assert "<td>0.6667</td>" in page and 'src="data:image/png;base64,' in page and "http" not in page
     assert "| 5 | 0.6667 |" in capsys.readouterr().out
 
 

@@ -1,4 +1,5 @@
-"""Report of an evaluation run: markdown tables, a PNG plot and ``report.json``, written atomically.
+"""Report of an evaluation run: markdown tables, a PNG plot, ``report.json`` and ``report.html`` (the
+same page template as a run's report), written atomically.
 
 Generic over the registered stages (:mod:`changedet.evaluation.stages`): a heading with the scenes and
 thresholds, then the stage's markdown sections; the stage's plot (``Stage.plot_name``) draws F1 of its
@@ -12,11 +13,13 @@ from pathlib import Path
 from typing import Any
 
 from changedet.evaluation.stages import get_stage
+from changedet.io.html_page import Section, image, page
 from changedet.io.writers import OutputStaging, write_text, writing
 from changedet.pipeline.postprocess import OTSU_FLOOR
 
 REPORT = "report.json"
 MARKDOWN = "report.md"
+HTML = "report.html"
 
 
 def markdown(report: dict[str, Any]) -> str:
@@ -51,9 +54,19 @@ def plot(report: dict[str, Any], path: str | Path) -> Path:
     return Path(path)
 
 
+def html_report(report: dict[str, Any], text: str, plot_png: bytes) -> str:
+    """The report as a self-contained page (:mod:`changedet.io.html_page`, the template of a run's
+    ``report.html``): the stage's plot, then its markdown tables as sortable HTML tables."""
+    import markdown as markdown_lib
+
+    body = markdown_lib.markdown(text.split("\n", 1)[1], extensions=["tables"]).replace("<table>", '<table class="sortable">')
+    sections = [Section("F1 of the settings", image(plot_png, f"{report['stage']} plot", ident="plot")), Section("Tables", body)]
+    return page(f"{report['stage']} report", f"scenes: {', '.join(report['scenes'])}", sections)
+
+
 def report_names(stage: str) -> list[str]:
-    """Files a report of ``stage`` consists of."""
-    return [REPORT, MARKDOWN, get_stage(stage).plot_name]
+    """Files a report of ``stage`` consists of (the plot last)."""
+    return [REPORT, MARKDOWN, HTML, get_stage(stage).plot_name]
 
 
 def check_out_dir(stage: str, out_dir: str | Path, overwrite: bool) -> None:
@@ -62,12 +75,14 @@ def check_out_dir(stage: str, out_dir: str | Path, overwrite: bool) -> None:
 
 
 def write_report(report: dict[str, Any], out_dir: str | Path, overwrite: bool = False) -> dict[str, Path]:
-    """Write ``report.json``, ``report.md`` and the plot into ``out_dir`` (staged, then renamed: all or nothing)."""
+    """Write ``report.json``, ``report.md``, ``report.html`` and the plot into ``out_dir`` (staged, then
+    renamed: all or nothing)."""
     names = report_names(report["stage"])
     with OutputStaging(out_dir, names, overwrite) as staging:
         text = markdown(report)
         write_text(staging.path(REPORT), json.dumps({**report, "markdown": text}, indent=2))
         write_text(staging.path(MARKDOWN), text)
         plot(report, staging.path(names[-1]))
+        write_text(staging.path(HTML), html_report(report, text, staging.path(names[-1]).read_bytes()))
         staging.commit()
     return {n: Path(out_dir) / n for n in names}

@@ -10,7 +10,7 @@ both dates are combined into one valid-data mask.
 from __future__ import annotations
 
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -337,3 +337,19 @@ class PairReader:
             for reader in readers:
                 reader.close()
         self._readers = []
+
+
+def read_scene_on_grid(scene: Scene, pair: AlignedPair, grid: Grid, resampling: str, block: int = 1024) -> tuple[np.ndarray, np.ndarray]:
+    """All of ``scene``'s bands on ``grid`` (e.g. a coarse grid over ``pair.grid``: cloud masks, report
+    images), read in ``block``-pixel squares: values ``(C, h, w)`` float32 and the valid mask."""
+    view = replace(pair, t1=scene, t2=scene, grid=grid, resampling=resampling, clouds=None)
+    values = np.zeros((scene.count, grid.height, grid.width), np.float32)
+    valid = np.zeros(grid.shape, bool)
+    with PairReader(view) as reader:
+        for row in range(0, grid.height, block):
+            for col in range(0, grid.width, block):
+                window = Window(col, row, min(block, grid.width - col), min(block, grid.height - row))
+                part, ok = reader.read_date(0, window)
+                values[:, row : row + window.height, col : col + window.width] = part
+                valid[row : row + window.height, col : col + window.width] = ok
+    return values, valid

@@ -28,7 +28,6 @@ from functools import cached_property
 from typing import TYPE_CHECKING
 
 import numpy as np
-from affine import Affine
 from rasterio.windows import Window
 from scipy import ndimage
 
@@ -50,7 +49,6 @@ SCL_MASKED = (3, 8, 9, 10)  # cloud shadow, cloud medium / high probability, thi
 SHADOW_HEIGHTS_M = (300.0, 3000.0)
 SHADOW_DILATION_M = 240.0
 DARK_QUANTILE = 0.25  # a shadow candidate is darker in B08 than this quantile of the date's clear pixels
-_BLOCK = 1024  # coarse pixels per side read at once
 
 
 @dataclass(frozen=True)
@@ -105,33 +103,13 @@ def _method(spec: str, requested: str) -> tuple[str, Scene] | None:
     raise InputError(f"--cloud-mask {requested} needs {needs}; {spec} has none of that: use --cloud-mask none or auto")
 
 
-def _coarse_grid(grid: Grid, scene: Scene) -> tuple[Grid, int]:
+def coarse_grid(grid: Grid, scene: Scene) -> tuple[Grid, int]:
     """The coarse grid of ``scene``'s coarsest band pixel (a whole number of grid pixels) over ``grid``."""
     coarsest = max(scene.bands, key=lambda b: b.grid.pixel_area)
     west, south, east, north = coarsest.grid.bounds_in(grid.crs)
     native = ((east - west) / coarsest.grid.width) if grid.crs is not None else abs(coarsest.grid.transform.a)
     factor = max(1, int(round(native / abs(grid.transform.a))))
-    coarse = Grid(grid.crs, grid.transform @ Affine.scale(factor), -(-grid.width // factor), -(-grid.height // factor))
-    return coarse, factor
-
-
-def _read_date(scene: Scene, pair: AlignedPair, grid: Grid, resampling: str) -> tuple[np.ndarray, np.ndarray]:
-    """All of ``scene`` on ``grid`` in blocks: values ``(C, h, w)`` float32 and the valid mask."""
-    from dataclasses import replace
-
-    from changedet.pipeline.align import PairReader
-
-    coarse_pair = replace(pair, t1=scene, t2=scene, grid=grid, resampling=resampling, clouds=None)
-    values = np.zeros((scene.count, grid.height, grid.width), np.float32)
-    valid = np.zeros(grid.shape, bool)
-    with PairReader(coarse_pair) as reader:
-        for row in range(0, grid.height, _BLOCK):
-            for col in range(0, grid.width, _BLOCK):
-                window = Window(col, row, min(_BLOCK, grid.width - col), min(_BLOCK, grid.height - row))
-                block, ok = reader.read_date(0, window)
-                values[:, row : row + window.height, col : col + window.width] = block
-                valid[row : row + window.height, col : col + window.width] = ok
-    return values, valid
+    return grid.coarsened(factor), factor
 
 
 def s2cloudless_mask(values: np.ndarray, valid: np.ndarray, thresholds: tuple[float, ...] = (S2CLOUDLESS_THRESHOLD,)) -> list[np.ndarray]:
@@ -171,15 +149,8 @@ def project_shadow(cloud: np.ndarray, dark: np.ndarray, sun_azimuth: float, sun_
     return shadow & dark & ~cloud
 
 
-def _pixel_metres(grid: Grid) -> float:
-    if grid.crs is not None and grid.crs.is_geographic:
-        west, south, east, north = grid.bounds
-        return abs(grid.transform.a) * 111_320.0 * np.cos(np.deg2rad((south + north) / 2))
-    return abs(grid.transform.a)
-
-
 def _shadow(cloud: np.ndarray, values: np.ndarray, valid: np.ndarray, grid: Grid, sun: tuple[float, float] | None) -> tuple[np.ndarray, str]:
-    pixel_m = _pixel_metres(grid)
+    pixel_m = grid.pixel_metres
     if sun is None:
         radius = SHADOW_DILATION_M / pixel_m
         return ndimage.binary_dilation(cloud, _disk(radius)) & valid, f"dilated {SHADOW_DILATION_M:g} m (no sun geometry)"
@@ -198,16 +169,18 @@ def cloud_mask(spec: str, pair: AlignedPair, date: int, requested: str, shift: t
     if found is None:
         return None
     method, scene = found
+    from changedet.pipeline.align import read_scene_on_grid  # align imports this module
+
     if shift is not None:
         from changedet.pipeline.coregistration import shifted_scene
 
         scene = shifted_scene(scene, pair.grid, shift)
-    coarse, factor = _coarse_grid(pair.grid, scene)
+    coarse, factor = coarse_grid(pair.grid, scene)
     if method == "scl":
-        values, valid = _read_date(scene, pair, coarse, "nearest")
+        values, valid = read_scene_on_grid(scene, pair, coarse, "nearest")
         masked, shadow = np.isin(values[0], SCL_MASKED) & valid, "SCL class 3"
     else:
-        values, valid = _read_date(scene, pair, coarse, "bilinear")
+        values, valid = read_scene_on_grid(scene, pair, coarse, "bilinear")
         cloud = s2cloudless_mask(values, valid)[0]
         masked, shadow = _shadow(cloud, values, valid, coarse, sun)
     fraction = float(masked.sum() / max(1, valid.sum()))

@@ -110,6 +110,23 @@ class Grid:
         """True when the grid has a CRS."""
         return self.crs is not None
 
+    def coarsened(self, factor: int) -> "Grid":
+        """The grid of ``factor`` x ``factor`` pixel blocks over this one (same origin; the last block of a
+        row or column may stick out)."""
+        return Grid(self.crs, self.transform @ Affine.scale(factor), -(-self.width // factor), -(-self.height // factor))
+
+    @property
+    def pixel_metres(self) -> float:
+        """Approximate ground size of a pixel's side in metres: degrees at the grid's mid-latitude on a
+        geographic CRS, the CRS's linear unit otherwise (pixel units without CRS)."""
+        size = abs(self.transform.a) if self.is_axis_aligned else math.hypot(self.transform.a, self.transform.d)
+        if self.crs is None:
+            return size
+        if self.crs.is_geographic:
+            south, north = self.bounds[1], self.bounds[3]
+            return size * 111_320.0 * math.cos(math.radians((south + north) / 2))
+        return size * (self.crs.linear_units_factor[1] if self.crs.linear_units_factor else 1.0)
+
     def window(self, window: Window) -> "Grid":
         """The sub-grid covering ``window`` (row/col offsets in this grid's pixels)."""
         transform = self.transform @ Affine.translation(window.col_off, window.row_off)

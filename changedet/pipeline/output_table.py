@@ -23,7 +23,7 @@ class Output:
     Attributes:
         name: file name in the output folder.
         kind: ``raster`` (COG on the common grid), ``vector`` (GeoPackage), ``style`` (QGIS ``.qml``),
-            ``image`` (PNG) or ``metadata`` (JSON).
+            ``image`` (PNG), ``metadata`` (JSON) or ``report`` (self-contained HTML).
         description: what it holds (README's output table).
         writer: the step of :func:`~changedet.pipeline.outputs.write_outputs` that writes it.
         dtype: raster data type.
@@ -49,6 +49,7 @@ POLYGONS = "changes.gpkg"
 PROBABILITY_STYLE = "change_probability.qml"
 MASK_STYLE = "change_mask.qml"
 QUICKLOOK = "quicklook.png"
+REPORT_HTML = "report.html"
 CERTIFIED_RADIUS = "certified_radius.tif"
 RUN_JSON = "run.json"
 
@@ -59,8 +60,10 @@ OUTPUTS: dict[str, Output] = {o.name: o for o in (
     Output(POLYGONS, "vector", "changed regions as polygons with area and mean probability", "polygons"),
     Output(PROBABILITY_STYLE, "style", "QGIS style: probability ramp, threshold marked", "styles"),
     Output(MASK_STYLE, "style", "QGIS style: change in red, no change transparent", "styles"),
-    Output(QUICKLOOK, "image", "thumbnail of the probability", "quicklook"),
+    Output(QUICKLOOK, "image", "t1, t2 and t2 with the change overlaid (same stretch, legend, scale bar)", "report"),
     Output(RUN_JSON, "metadata", "inputs, grid, model, parameters, counts, timings, versions", "summary"),
+    Output(REPORT_HTML, "report", "self-contained page: imagery before/after, change overlay, histogram, regions, "
+           "facts and trust warnings", "report"),
     Output(CERTIFIED_RADIUS, "raster", "with --smoothing-sigma: certified L2 radius per pixel (1/255 reflectance; 0 where the "
            "mask abstains)", "mosaic", "float32", FLOAT_NODATA, default=False),
 )}  # fmt: skip

@@ -1,7 +1,7 @@
 """The outputs of a detect run: their names, nodata values, and how they are written.
 
 :func:`write_outputs` blends the stored tile predictions into COGs on the common grid, writes the QGIS
-styles, the polygons, ``quicklook.png`` and ``run.json`` inside a hidden staging folder, and moves
+styles, the polygons, ``run.json``, ``report.html`` and ``quicklook.png`` inside a hidden staging folder, and moves
 everything into the output folder only when all of them exist (:class:`~changedet.io.writers.OutputStaging`).
 The CLI and the Prefect flow both write exactly :data:`~changedet.pipeline.output_table.OUTPUT_NAMES`
 (what each file is: :mod:`changedet.pipeline.output_table`).
@@ -25,16 +25,17 @@ import torch
 import changedet
 from changedet.errors import ChangeDetError, InputError
 from changedet.io.polygons import polygonize_mask
-from changedet.io.quicklook import write_quicklook
+from changedet.pipeline.run_report import write_report
 from changedet.io.styles import write_mask_style, write_probability_style
 from changedet.io.writers import BlockRasterWriter, OutputStaging, write_cog, write_text
 from changedet.metrics import ProbabilityHistogram
 from changedet.pipeline.mosaic import StreamingMosaic
 from changedet.pipeline.output_table import (  # noqa: F401 - the output table, re-exported for writers' callers
     CERTIFIED_RADIUS, DIFFERENCE, FLOAT_NODATA, MASK, MASK_NODATA, MASK_STYLE, OUTPUT_NAMES, POLYGONS, PROBABILITY,
-    PROBABILITY_STYLE, QUICKLOOK, RASTERS, RUN_JSON, output_names, run_rasters,
+    PROBABILITY_STYLE, QUICKLOOK, RASTERS, REPORT_HTML, RUN_JSON, output_names, run_rasters,
 )
 from changedet.pipeline.smoothing import ABSTAIN
+from changedet.pipeline.params import DetectParams
 from changedet.pipeline.planning import RunPlan, open_tile_store
 from changedet.pipeline.postprocess import drop_small_regions, scene_threshold
 from changedet.pipeline.tilestore import TileStore
@@ -195,7 +196,6 @@ def write_outputs(
         write_probability_style(staging.path(PROBABILITY_STYLE), threshold, FLOAT_NODATA)
         write_mask_style(staging.path(MASK_STYLE), MASK_NODATA, ABSTAIN if smoothed else None)
         changes = _polygons(staging, timings)
-        write_quicklook(staging.path(PROBABILITY), staging.path(QUICKLOOK))
         if started is not None:
             timings["total_s"] = time.perf_counter() - started
         summary = {
@@ -216,6 +216,8 @@ def write_outputs(
             "versions": _versions(),
         }
         write_text(staging.path(RUN_JSON), json.dumps(_strict_json(summary), indent=2, default=str, allow_nan=False))
+        written = {name: staging.path(name) for name in (MASK, PROBABILITY, POLYGONS)}
+        write_report(staging.path(REPORT_HTML), staging.path(QUICKLOOK), summary, plan.pair, written, DetectParams().model_dump())
         staging.commit()
     return summary
 
