@@ -19,6 +19,7 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(PY) flows/detect.py run --t1 data/sample/oscd_bercy/imgs_1 --t2 data/sample/oscd_bercy/imgs_2 --out outputs/demo --overwrite
 	$(VENV)/bin/changedet evaluate --pred outputs/demo/change_mask.tif --label data/sample/oscd_bercy/cm/bercy-cm.tif
+	@echo "report: outputs/demo/report.html"
 
 test: $(STAMP)
 	$(VENV)/bin/python -m pytest -q

@@ -177,11 +177,12 @@ def build_report(summary: dict[str, Any], pair: AlignedPair, outputs: dict[str, 
     changes = summary.get("changes") or {}
     params = {k: v for k, v in (summary.get("parameters") or {}).items() if defaults.get(k, object()) != v}
     rule = (summary.get("parameters") or {}).get("threshold_rule") or "fixed"
-    run = {"t1": summary["inputs"]["t1"], "t2": summary["inputs"]["t2"], "model": model.get("name", "?"),
+    label = model.get("name", "?") + (f" ({Path(str(model['checkpoint'])).stem})" if model.get("checkpoint") else "")
+    run = {"t1": summary["inputs"]["t1"], "t2": summary["inputs"]["t2"], "model": label,
            "checkpoint": model.get("checkpoint") or "none (registry model)", "expected F1 on unseen scenes": _expected_f1(model),
            "threshold": f"{threshold:.3f} ({rule})" if isinstance(threshold, (int, float)) else str(threshold),
            "changed area": f"{changes.get('changed_area_ha', 0.0):.2f} ha in {changes.get('regions', 0)} regions",
-           **{k: f"{v:,}" for k, v in (summary.get("counts") or {}).items()},
+           **{k.replace("_", " "): f"{v:,}" for k, v in (summary.get("counts") or {}).items()},
            "total time": f"{(summary.get('timings') or {}).get('total_s', float('nan')):.1f} s",
            "peak RSS": f"{summary.get('peak_rss_mb', float('nan')):.0f} MiB"}  # fmt: skip
     shown = f"the largest {len(rows)} of {total}" if total > len(rows) else f"all {total}"
