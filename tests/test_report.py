@@ -105,3 +105,21 @@ def test_report_renders_in_headless_chromium(bercy_run, tmp_path):
                    capture_output=True, timeout=120, check=True)  # fmt: skip
     pixels = np.asarray(Image.open(io.BytesIO(shot.read_bytes())).convert("L"), np.float32)
     assert pixels.std() > 20 and (pixels < 200).mean() > 0.05  # imagery and text, not a blank page
+
+
+def test_a_scene_far_from_the_training_data_is_a_trust_warning(sample_city, tmp_path):
+    import rasterio
+
+    from tests.conftest import write_raster
+    from tests.reliability_cases_inputs import _training_statistics_checkpoint
+
+    dim = tmp_path / "dim"  # t2 four times darker than the checkpoint's training data (within the 10x refusal)
+    dim.mkdir()
+    for band in (sample_city / "imgs_2").glob("*.tif"):
+        with rasterio.open(band) as src:
+            write_raster(dim / band.name, src.read().astype(np.float32) / 4, crs=src.crs, transform=src.transform)
+    model = _training_statistics_checkpoint(type("Ctx", (), {"tmp": tmp_path})())
+    result = detect_changes(sample_city / "imgs_1", dim, tmp_path / "out", DetectParams(model=model))
+    assert any("outside what it was trained on" in w for w in result.summary["warnings"])
+    page = result.path(REPORT_HTML).read_text()
+    assert "outside what it was trained on" in page and "no F1 measured on unseen scenes" in page

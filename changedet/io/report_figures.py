@@ -135,5 +135,5 @@ def png_bytes(fig: Figure, dpi: int = 100, colours: int | None = 256) -> bytes:
 
     buffer.seek(0)
     small = io.BytesIO()
-    Image.open(buffer).convert("RGB").quantize(colours, method=Image.Quantize.FASTOCTREE, dither=Image.Dither.NONE).save(small, format="png", optimize=True)
+    Image.open(buffer).convert("RGB").quantize(colours, method=Image.Quantize.FASTOCTREE, dither=Image.Dither.NONE).save(small, format="png")
     return small.getvalue()

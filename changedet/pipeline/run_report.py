@@ -71,10 +71,14 @@ def display_images(pair: AlignedPair, side: int = DISPLAY_SIDE) -> tuple[np.ndar
 
 
 def _read_mask(path: Path, coarse: Grid, factor: int) -> np.ndarray:
+    """The mask on ``coarse`` (nearest); a last block that sticks out of the raster is nodata."""
     with rasterio.open(path) as ds:
-        window = Window(0, 0, coarse.width * factor, coarse.height * factor)
-        return ds.read(1, window=window, out_shape=coarse.shape, boundless=True, fill_value=MASK_NODATA,
-                       resampling=Resampling.nearest)  # fmt: skip
+        rows, cols = ds.height // factor, ds.width // factor
+        mask = np.full(coarse.shape, MASK_NODATA, np.uint8)
+        if rows and cols:
+            window = Window(0, 0, cols * factor, rows * factor)
+            mask[:rows, :cols] = ds.read(1, window=window, out_shape=(rows, cols), resampling=Resampling.nearest)
+        return mask
 
 
 def _probabilities(path: Path) -> np.ndarray:
@@ -170,7 +174,7 @@ def build_report(summary: dict[str, Any], pair: AlignedPair, outputs: dict[str, 
     threshold = summary.get("threshold")
     pixel_m = pair.grid.pixel_metres * factor if pair.grid.crs is not None else None
     overview = change_figure(t1, t2, mask, MASK_NODATA, threshold, pixel_m)
-    quicklook = png_bytes(overview, dpi=80)
+    quicklook = png_bytes(overview, dpi=100)  # also the page's figure
     histogram = png_bytes(histogram_figure(_probabilities(outputs["change_probability.tif"]), threshold))
     total, rows = _regions(outputs["changes.gpkg"])
     model = summary.get("model") or {}
@@ -190,7 +194,7 @@ def build_report(summary: dict[str, Any], pair: AlignedPair, outputs: dict[str, 
     trust = f"<p>Model's F1 on scenes it has never seen: <b>{html.escape(_expected_f1(model))}</b>.</p>"
     sections = [
         Section("Can this map be trusted?", trust + warnings_block(trust_warnings(summary, pair.grid))),
-        Section("Before, after and change", image(png_bytes(overview, dpi=110), "t1, t2 and the change overlay",
+        Section("Before, after and change", image(quicklook, "t1, t2 and the change overlay",
                 f"Same scale and stretch for both dates; 1 image pixel = {factor} × {factor} grid pixels.", "overview")),  # fmt: skip
         Section("Run", facts(run)),
         Section("Change probability", image(histogram, "histogram of the change probability", "", "histogram")),
