@@ -31,8 +31,9 @@ def markdown(report: dict[str, Any]) -> str:
     return "\n".join([f"# {report['stage']}\n\n{head}\n", *get_stage(report["stage"]).markdown(report)])
 
 
-def plot(report: dict[str, Any], path: str | Path) -> Path:
-    """F1 of the stage's panels (e.g. vs ε per mode, vs severity per shift) as a PNG."""
+def stage_figure(report: dict[str, Any]):
+    """F1 of the stage's panels (e.g. vs ε per mode, vs severity per shift) as a matplotlib Figure (the
+    report's plot; notebooks show the same one)."""
     stage = get_stage(report["stage"])
     panels = stage.panels(report)
     from matplotlib.figure import Figure  # here: the CLI parser imports this module for every command
@@ -49,6 +50,12 @@ def plot(report: dict[str, Any], path: str | Path) -> Path:
     axes[0][0].set_ylabel("F1 (pooled)")
     axes[0][-1].legend(fontsize=7, loc="best")
     fig.tight_layout()
+    return fig
+
+
+def plot(report: dict[str, Any], path: str | Path) -> Path:
+    """:func:`stage_figure` written as a PNG."""
+    fig = stage_figure(report)
     with writing(path):
         fig.savefig(path, dpi=110)
     return Path(path)
