@@ -162,13 +162,13 @@ def report(summary: dict[str, Any], params: DetectFlowParams) -> None:
 def detect_pair(params: DetectFlowParams) -> dict[str, Any]:
     """Detect changes between ``params.t1`` and ``params.t2`` into ``params.out``."""
     started = time.perf_counter()
-    check_out_dir(params.out, (params.t1, params.t2), output_names(params.smoothing_sigma is not None))
+    check_out_dir(params.out, (params.t1, params.t2), output_names(params.smoothing_sigma is not None, params.zones is not None))
     key = fingerprint(params)
     if outputs_current(params.out, key):
         print(f"{params.out} is up to date for fingerprint {key}: nothing to do")
         return {"fingerprint": key, "skipped": True}
     with OutputLock(params.out):
-        OutputStaging.check(params.out, output_names(params.smoothing_sigma is not None), params.overwrite)  # refuse before predicting anything
+        OutputStaging.check(params.out, output_names(params.smoothing_sigma is not None, params.zones is not None), params.overwrite)  # refuse before predicting anything
         run_plan = plan(params, key)
         for line in run_plan.warnings:
             print(f"warning: {line}")

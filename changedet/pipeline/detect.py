@@ -123,7 +123,7 @@ def detect_changes(
     """
     params = params or DetectParams()
     start = time.perf_counter()
-    names = output_names(params.smoothing_sigma is not None)
+    names = output_names(params.smoothing_sigma is not None, params.zones is not None)
     check_out_dir(out_dir, (t1, t2), names)
     out_dir = Path(out_dir).absolute()  # every writer (GDAL, SQLite) sees the same path: no "~" expansion
     plan = plan_run(t1, t2, params)

@@ -23,7 +23,7 @@ class Output:
     Attributes:
         name: file name in the output folder.
         kind: ``raster`` (COG on the common grid), ``vector`` (GeoPackage), ``style`` (QGIS ``.qml``),
-            ``image`` (PNG), ``metadata`` (JSON) or ``report`` (self-contained HTML).
+            ``image`` (PNG), ``metadata`` (JSON), ``report`` (self-contained HTML) or ``table`` (CSV).
         description: what it holds (README's output table).
         writer: the step of :func:`~changedet.pipeline.outputs.write_outputs` that writes it.
         dtype: raster data type.
@@ -50,6 +50,7 @@ PROBABILITY_STYLE = "change_probability.qml"
 MASK_STYLE = "change_mask.qml"
 QUICKLOOK = "quicklook.png"
 REPORT_HTML = "report.html"
+ZONES_CSV = "zones.csv"
 CERTIFIED_RADIUS = "certified_radius.tif"
 RUN_JSON = "run.json"
 
@@ -66,6 +67,8 @@ OUTPUTS: dict[str, Output] = {o.name: o for o in (
            "facts and trust warnings", "report"),
     Output(CERTIFIED_RADIUS, "raster", "with --smoothing-sigma: certified L2 radius per pixel (1/255 reflectance; 0 where the "
            "mask abstains)", "mosaic", "float32", FLOAT_NODATA, default=False),
+    Output(ZONES_CSV, "table", "with --zones: per zone its area, valid fraction, changed pixels and ha, changed fraction, mean "
+           "probability (also the zones layer of changes.gpkg)", "zones", default=False),
 )}  # fmt: skip
 
 #: every file a run writes, in the order they are listed in ``run.json``
@@ -74,9 +77,10 @@ OUTPUT_NAMES = [o.name for o in OUTPUTS.values() if o.default]
 RASTERS = [o for o in OUTPUTS.values() if o.kind == "raster" and o.default]
 
 
-def output_names(smoothing: bool = False) -> list[str]:
-    """The files a run writes: :data:`OUTPUT_NAMES`, plus ``certified_radius.tif`` with randomized smoothing."""
-    return OUTPUT_NAMES + ([CERTIFIED_RADIUS] if smoothing else [])
+def output_names(smoothing: bool = False, zones: bool = False) -> list[str]:
+    """The files a run writes: :data:`OUTPUT_NAMES`, plus ``certified_radius.tif`` with randomized
+    smoothing and ``zones.csv`` with zones."""
+    return OUTPUT_NAMES + ([CERTIFIED_RADIUS] if smoothing else []) + ([ZONES_CSV] if zones else [])
 
 
 def run_rasters(smoothing: bool = False) -> list[Output]:

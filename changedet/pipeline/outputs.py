@@ -25,6 +25,7 @@ import torch
 import changedet
 from changedet.errors import ChangeDetError, InputError
 from changedet.io.polygons import polygonize_mask
+from changedet.io.zones import read_zones, write_zones, zone_statistics
 from changedet.pipeline.run_report import write_report
 from changedet.io.styles import write_mask_style, write_probability_style
 from changedet.io.writers import BlockRasterWriter, OutputStaging, write_cog, write_text
@@ -32,7 +33,7 @@ from changedet.metrics import ProbabilityHistogram
 from changedet.pipeline.mosaic import StreamingMosaic
 from changedet.pipeline.output_table import (  # noqa: F401 - the output table, re-exported for writers' callers
     CERTIFIED_RADIUS, DIFFERENCE, FLOAT_NODATA, MASK, MASK_NODATA, MASK_STYLE, OUTPUT_NAMES, POLYGONS, PROBABILITY,
-    PROBABILITY_STYLE, QUICKLOOK, RASTERS, REPORT_HTML, RUN_JSON, output_names, run_rasters,
+    PROBABILITY_STYLE, QUICKLOOK, RASTERS, REPORT_HTML, RUN_JSON, ZONES_CSV, output_names, run_rasters,
 )
 from changedet.pipeline.smoothing import ABSTAIN
 from changedet.pipeline.params import DetectParams
@@ -118,6 +119,15 @@ def _polygons(staging: OutputStaging, timings: dict[str, float]) -> dict[str, An
     return {"regions": n, "changed_area_m2": area, "changed_area_ha": area / 1e4}
 
 
+def _zones(plan: RunPlan, staging: OutputStaging, timings: dict[str, float]) -> list[dict[str, Any]]:
+    start = time.perf_counter()
+    zones = read_zones(plan.params.zones, plan.pair.grid)
+    rows = zone_statistics(zones, plan.pair.grid, staging.path(MASK), staging.path(PROBABILITY), MASK_NODATA)
+    write_zones(zones, rows, staging.path(ZONES_CSV), staging.path(POLYGONS))
+    timings["zones_s"] = time.perf_counter() - start
+    return rows
+
+
 def _versions() -> dict[str, str]:
     return {
         "changedet": changedet.__version__,
@@ -177,7 +187,7 @@ def write_outputs(
     if missing:
         raise ChangeDetError(f"{missing} tiles have no prediction yet in {store.path}")
     smoothed = plan.smoothing is not None
-    names = output_names(smoothed)
+    names = output_names(smoothed, plan.params.zones is not None)
     with OutputStaging(out_dir, names, overwrite) as staging:
         start = time.perf_counter()
         scratch = {o.name: staging.path(f"scratch_{o.name}") for o in run_rasters(smoothed)}
@@ -196,6 +206,7 @@ def write_outputs(
         write_probability_style(staging.path(PROBABILITY_STYLE), threshold, FLOAT_NODATA)
         write_mask_style(staging.path(MASK_STYLE), MASK_NODATA, ABSTAIN if smoothed else None)
         changes = _polygons(staging, timings)
+        zones = _zones(plan, staging, timings) if plan.params.zones is not None else None
         if started is not None:
             timings["total_s"] = time.perf_counter() - started
         summary = {
@@ -209,6 +220,7 @@ def write_outputs(
             "counts": counts,
             "changes": changes,
             **({"smoothing": plan.smoothing.describe()} if smoothed else {}),
+            **({"zones": zones} if zones is not None else {}),
             "outputs": {name: name for name in names},
             "nodata": {o.name: o.nodata for o in run_rasters(smoothed)},
             "timings": {k: round(v, 4) for k, v in timings.items()},

@@ -58,6 +58,8 @@ class DetectParams(Parameters):
                                              "s2cloudless, else none), none")
     max_cloud: float | None = Field(None, ge=0.0, le=1.0, description="refuse a pair where either date's cloud (and "
                                     "shadow) fraction of its valid pixels exceeds this (needs --cloud-mask)")
+    zones: str | None = Field(None, description="polygons (GeoPackage, shapefile, GeoJSON…, any CRS) to measure change in: "
+                              "changed ha, valid fraction and mean probability per zone in zones.csv and a zones layer of changes.gpkg")
     resampling: Literal[RESAMPLING_CHOICES] = Field("bilinear", description="resampling for bands not on the common grid")  # type: ignore[valid-type]
     blend: Literal[BLEND_MODES] = Field("cosine", description="blending of overlapping tiles: cosine ramps, mean, or owner (each "  # type: ignore[valid-type]
                                         "pixel from the tile whose centre is nearest; the default with --smoothing-sigma)")

@@ -31,6 +31,7 @@ from changedet.pipeline.params import DEFAULT_MODEL, DetectParams
 from changedet.io.bands import model_roles, order_for_model, order_like, scene_roles
 from changedet.io.remote import is_remote, remote_identity
 from changedet.io.scene import BandSource, Scene, open_scene
+from changedet.io.zones import read_zones
 from changedet.pipeline.predictor import ModelSpec, SceneFit, TilePredictor, auto_model, resolve_model
 from changedet.pipeline.smoothing import Smoothing
 from changedet.pipeline.tiling import Tile
@@ -85,6 +86,8 @@ def content_fingerprint(t1: Scene, t2: Scene, spec: ModelSpec, params: DetectPar
         digest.update(json.dumps([(b.name, b.index) for b in scene.bands]).encode())
     if spec.checkpoint is not None:
         _hash_file(str(spec.checkpoint), digest)
+    if params.zones is not None and Path(params.zones).is_file():  # new zones, new outputs (a missing file is refused later)
+        _hash_file(str(params.zones), digest)
     resolved = params.with_test_time(spec.metadata.get("test_time"))
     settings = {k: v for k, v in resolved.model_dump().items() if k not in ("model", "threshold", "device", "threads", "max_pixels")}
     settings["model"] = spec.name
@@ -302,6 +305,8 @@ def _plan(t1: str | Path, t2: str | Path, params: DetectParams, fingerprint: str
         )
     pair = coregistered(pair, params, spec.heterogeneous)
     pair = with_clouds(pair, (str(t1), str(t2)), params)
+    if params.zones is not None:
+        read_zones(params.zones, pair.grid)  # refused now, before any tile is predicted
     label = _model_label(params, spec)
     predictor = TilePredictor.of_params(spec, (scene1.count, scene2.count), params)
     _check_model_input_size(pair, predictor, label)

@@ -9,7 +9,7 @@ flow alike), after ``run.json``'s summary is known. The page (:mod:`changedet.io
   figure is ``quicklook.png``;
 * the change-probability histogram with the threshold;
 * every change region of ``changes.gpkg`` (largest :data:`MAX_REGION_ROWS` when there are more),
-  sortable: area (ha), pixels, mean probability, centroid in the grid CRS and in lon/lat;
+  sortable: area (ha), pixels, mean probability, centroid in the grid CRS and in lon/lat; with ``--zones``, the zone table;
 * the run's facts (inputs, grid, model and its expected F1 on unseen scenes, parameters that differ
   from the defaults, counts, timings, peak RSS) and the warnings that matter for trust.
 """
@@ -33,6 +33,7 @@ from changedet.io.html_page import Section, facts, image, page, table, warnings_
 from changedet.io.report_figures import change_figure, composite, histogram_figure, png_bytes, shared_stretch
 from changedet.io.scene import Scene
 from changedet.io.writers import write_text, writing
+from changedet.io.zones import ZONE_COLUMNS
 from changedet.pipeline.align import AlignedPair, read_scene_on_grid
 from changedet.pipeline.grid import Grid
 from changedet.pipeline.output_table import MASK_NODATA
@@ -98,7 +99,7 @@ def _regions(path: Path) -> tuple[int, list[list[Any]]]:
     """Region count and rows (largest first) of ``changes.gpkg``."""
     import geopandas as gpd
 
-    frame = gpd.read_file(path)
+    frame = gpd.read_file(path, layer="changes")
     if frame.empty:
         return 0, []
     frame = frame.sort_values(["area_m2" if frame["area_m2"].notna().any() else "pixels", "id"], ascending=[False, True])
@@ -200,6 +201,8 @@ def build_report(summary: dict[str, Any], pair: AlignedPair, outputs: dict[str, 
         Section("Change probability", image(histogram, "histogram of the change probability", "", "histogram")),
         Section(f"Change regions ({shown}; click a header to sort)",
                 f'<div data-regions-total="{total}">' + table(header, rows, sortable=True, ident="regions") + "</div>"),
+        *([Section("Zones (click a header to sort)", table(ZONE_COLUMNS, [[z[c] for c in ZONE_COLUMNS] for z in summary["zones"]],
+                                                          sortable=True, ident="zones"))] if summary.get("zones") else []),  # fmt: skip
         Section("Grid", facts(_grid_facts(pair.grid))),
         Section("Parameters (other than the defaults)", facts(params) if params else "<p>all defaults</p>"),
     ]
