@@ -17,7 +17,7 @@ from pydantic import BaseModel, Field
 from changedet.cli import build_parser as cli_parser
 from changedet.options import ParameterError, add_model_options, given_values, option_name
 from changedet.pipeline.detect import detect_changes
-from changedet.pipeline.output_table import CERTIFIED_RADIUS, OUTPUT_NAMES, OUTPUTS, RASTERS, RUN_JSON
+from changedet.pipeline.output_table import CERTIFIED_RADIUS, OUTPUT_NAMES, OUTPUTS, RASTERS, RUN_JSON, ZONES_CSV
 from changedet.pipeline.params import DetectParams
 from changedet.testing.synthetic import write_synthetic_pair
 
@@ -107,7 +107,7 @@ def test_detect_writes_exactly_the_output_table(outputs):
     pair, out = outputs
     assert sorted(p.name for p in out.iterdir()) == sorted(OUTPUT_NAMES)
     assert set(OUTPUT_NAMES) == {n for n, o in OUTPUTS.items() if o.default}
-    assert {n for n, o in OUTPUTS.items() if not o.default} == {CERTIFIED_RADIUS}  # only with --smoothing-sigma
+    assert {n for n, o in OUTPUTS.items() if not o.default} == {CERTIFIED_RADIUS, ZONES_CSV}  # with --smoothing-sigma, --zones
     summary = json.loads((out / RUN_JSON).read_text())
     assert summary["outputs"] == {n: n for n in OUTPUT_NAMES}
     assert summary["nodata"] == {o.name: o.nodata for o in RASTERS}

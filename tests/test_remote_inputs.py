@@ -233,3 +233,16 @@ def test_an_unreachable_stac_api_is_one_error_line(capsys):
     rc = main(["stac-search", "--api", f"http://127.0.0.1:{_closed_port()}/", "--collection", "c", "--out", "/tmp/never"])
     assert_one_error_line(rc, capsys.readouterr().err, 2, "cannot reach")
     assert not Path("/tmp/never").exists()
+
+
+def test_the_flow_reads_items_over_http_on_dask_workers(site, local_outputs, prefect_api):
+    """Tiles are read in Dask worker processes: they get GDAL's HTTP settings and give the same bytes."""
+    from flows.detect import DetectFlowParams, detect_pair, task_runner
+
+    folder, server, name = site
+    params = DetectFlowParams(t1=server.url(f"{name}/imgs_1.json"), t2=server.url(f"{name}/imgs_2.json"), out=str(folder / "flow"),
+                              name="served")  # fmt: skip
+    detect_pair.with_options(task_runner=task_runner(workers=1))(params)
+    for output in ("change_mask.tif", "change_probability.tif"):
+        assert (folder / "flow" / output).read_bytes() == (local_outputs / output).read_bytes(), output
+    assert any(r.path.endswith(".tif") and r.status == 206 for r in server.requests())
