@@ -246,3 +246,36 @@ def test_the_flow_reads_items_over_http_on_dask_workers(site, local_outputs, pre
     for output in ("change_mask.tif", "change_probability.tif"):
         assert (folder / "flow" / output).read_bytes() == (local_outputs / output).read_bytes(), output
     assert any(r.path.endswith(".tif") and r.status == 206 for r in server.requests())
+
+
+def test_bbox_reads_only_the_area_of_interest_of_two_remote_cogs(tmp_path):
+    """Both dates are 4096² COGs over HTTP (UTM); --bbox (WGS84) keeps t1's lattice and fetches a small part."""
+    from rasterio.warp import transform_bounds
+
+    y, x = np.mgrid[0:4096, 0:4096]
+    base = ((np.sin(x / 97.0) + np.cos(y / 61.0)) * 800 + 2000).astype(np.uint16)
+    transform = Affine(10.0, 0, 500000.0, 0, -10.0, 5400000.0)
+    write_raster(tmp_path / "t1.tif", np.stack([base, base[::-1]]), transform=transform)
+    write_raster(tmp_path / "t2.tif", np.stack([base[:, ::-1], base]), transform=transform)
+    write_cogs(tmp_path, tmp_path / "www")
+    area = (500000 + 10 * 1000, 5400000 - 10 * 1300, 500000 + 10 * 1300, 5400000 - 10 * 1000)  # 300² px
+    bbox = transform_bounds("EPSG:32631", "EPSG:4326", *area)
+    with RangeServer(tmp_path / "www") as server:
+        result = detect_changes(server.url("t1.tif"), server.url("t2.tif"), tmp_path / "out", DetectParams(model="cva", bbox=list(bbox)))
+        served = server.bytes_served()
+    size = sum((tmp_path / "www" / n).stat().st_size for n in ("t1.tif", "t2.tif"))
+    with rasterio.open(result.path("change_mask.tif")) as ds:
+        col, row = ~transform @ (ds.transform.c, ds.transform.f)
+        assert ds.transform.a == 10.0 and col == round(col) and row == round(row)  # t1's lattice
+        assert 290 <= ds.width <= 340 and 290 <= ds.height <= 340  # the box, reprojected through WGS84
+    # the 3 x 3 COG blocks (256²) the box touches are 3.5 % of each file; planning's passes (samples,
+    # co-registration) and the tiles each read them again: about 3 reads
+    assert served < 0.15 * size, (served, size)
+    print(f"served {served} of {size} bytes ({served / size:.2%})")
+
+
+@pytest.mark.parametrize("bbox, expect", [("10,10,11,11", "does not meet"), ("11,10,10,11", "west < east"), ("1,2,3", "4 numbers")])
+def test_bad_bbox_is_one_error_line(bbox, expect, ctx, capsys):
+    before = snapshot(ctx.out)
+    rc = main(["detect", *ctx.args(), "--bbox", bbox, "--out", str(ctx.out), "--overwrite", "--quiet"])
+    assert_failed_cleanly(rc, capsys.readouterr().err, ctx.out, before, Case([], expect))

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import warnings
 from dataclasses import dataclass, replace
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Sequence
 
 import numpy as np
 import rasterio
@@ -156,6 +156,7 @@ def align_pair(
     resolution: float | None = None,
     resampling: str = "bilinear",
     allow_different_bands: bool = False,
+    bbox: Sequence[float] | None = None,
 ) -> AlignedPair:
     """Choose the common grid of two dates.
 
@@ -165,7 +166,8 @@ def align_pair(
     invalid. The target grid is always north-up: when t1's geotransform is south-up, east-to-west
     (flipped exactly: same pixels) or rotated/sheared (t1's CRS and pixel size, covering t1's
     footprint) a warning says so. Scenes without CRS on both sides are treated as pixel grids
-    aligned at the upper-left corner (with a warning); their geotransforms are ignored.
+    aligned at the upper-left corner (with a warning); their geotransforms are ignored. ``bbox``
+    (west, south, east, north in WGS84 degrees) clips the grid further, on the same pixel lattice.
 
     Raises:
         InputError: band sets differ between dates (unless ``allow_different_bands``).
@@ -185,6 +187,8 @@ def align_pair(
             NotGeoreferencedWarning,
             stacklevel=2,
         )
+        if bbox is not None:
+            raise GridError("--bbox needs georeferenced inputs; these scenes have no CRS")
         height = min(b.grid.height for b in t1.bands + t2.bands)
         width = min(b.grid.width for b in t1.bands + t2.bands)
         grid = Grid(None, reference.transform, width, height)
@@ -206,6 +210,13 @@ def align_pair(
     grid = reference.reprojected(target_crs, resolution)
     for band in t1.bands + t2.bands:
         grid = grid.clip_to_bounds(band.grid.bounds_in(grid.crs))
+    if bbox is not None:
+        area = transform_bounds("EPSG:4326", grid.crs, *bbox, densify_pts=21)
+        try:
+            grid = grid.clip_to_bounds(area)
+        except GridError:
+            raise GridError(f"--bbox {','.join(f'{v:g}' for v in bbox)} does not meet the scenes' common footprint "
+                            f"(in WGS84: {', '.join(f'{v:.5f}' for v in grid.bounds_in(CRS.from_epsg(4326)))})") from None  # fmt: skip
     return AlignedPair(t1, t2, grid, reference, resampling)
 
 

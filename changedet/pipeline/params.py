@@ -47,6 +47,8 @@ class DetectParams(Parameters):
         "(quantiles fitted on the scene); default: the model's recommendation, else none")
     min_region: int | None = Field(None, ge=0, description="drop change regions (4-connected, like the polygons) of fewer pixels from the mask "
                                    "and polygons; default: the model's recommendation, else 0 (keep all)")
+    bbox: list[float] | None = Field(None, description="area of interest west,south,east,north in WGS84 degrees: the common "
+                                     "grid is clipped to it (t1's pixel lattice kept; remote inputs are read only there)")
     crs: str | None = Field(None, description="target CRS, e.g. EPSG:32631 (default: t1's)")
     resolution: float | None = Field(None, gt=0.0, description="target pixel size in CRS units (default: t1's finest)")
     bands: list[str] | None = Field(None, description="comma-separated band names, descriptions or 1-based indexes")
@@ -89,6 +91,13 @@ class DetectParams(Parameters):
     def _overlap_below_tile(self) -> "DetectParams":
         if self.overlap >= self.tile:
             raise ValueError(f"--overlap must be in [0, tile) = [0, {self.tile}), got {self.overlap}")
+        if self.bbox is not None:
+            if len(self.bbox) != 4:
+                raise ValueError(f"--bbox takes west,south,east,north (4 numbers), got {len(self.bbox)}")
+            west, south, east, north = self.bbox
+            if not (-180 <= west < east <= 180 and -90 <= south < north <= 90):
+                raise ValueError(f"--bbox {','.join(f'{v:g}' for v in self.bbox)}: need -180 <= west < east <= 180 and "
+                                 "-90 <= south < north <= 90 (WGS84 degrees)")  # fmt: skip
         if self.max_cloud is not None and self.cloud_mask == "none":
             raise ValueError("--max-cloud needs a cloud mask: add --cloud-mask auto (or s2cloudless, scl)")
         if self.threshold is not None and self.threshold_rule == "otsu":

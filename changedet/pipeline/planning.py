@@ -251,7 +251,7 @@ def coregistered(pair: AlignedPair, params: DetectParams, heterogeneous: bool) -
             "run without --coregister (the offset is still reported in run.json)"
         )
     t2 = shifted_scene(pair.t2, pair.grid, offset.shift_px)
-    corrected = align_pair(pair.t1, t2, params.crs, params.resolution, params.resampling, heterogeneous)
+    corrected = align_pair(pair.t1, t2, params.crs, params.resolution, params.resampling, heterogeneous, params.bbox)
     return replace(corrected, coregistration=replace(offset, applied=True))
 
 
@@ -296,7 +296,7 @@ def _plan(t1: str | Path, t2: str | Path, params: DetectParams, fingerprint: str
     start = time.perf_counter()
     scene1, scene2, spec = open_inputs(t1, t2, params)
     params = params.with_test_time(spec.metadata.get("test_time"))
-    pair = align_pair(scene1, scene2, params.crs, params.resolution, params.resampling, spec.heterogeneous)
+    pair = align_pair(scene1, scene2, params.crs, params.resolution, params.resampling, spec.heterogeneous, params.bbox)
     pixels = pair.grid.height * pair.grid.width
     if pixels > params.max_pixels:
         raise InputError(
