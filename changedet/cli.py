@@ -47,13 +47,13 @@ def _add_stac_search(sub: argparse._SubParsersAction) -> None:
 
 
 def _bbox(text: str) -> tuple[float, float, float, float]:
+    from changedet.options import comma_floats
+    from changedet.pipeline.grid import wgs84_bbox
+
     try:
-        west, south, east, north = (float(v) for v in text.split(","))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not west,south,east,north") from None
-    if not (-180 <= west < east <= 180 and -90 <= south < north <= 90):
-        raise argparse.ArgumentTypeError(f"{text!r}: need -180 <= west < east <= 180 and -90 <= south < north <= 90")
-    return west, south, east, north
+        return wgs84_bbox(comma_floats(text))
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def _run_stac_search(args: argparse.Namespace) -> int:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Sequence
 
 from affine import Affine
 from rasterio.crs import CRS
@@ -20,6 +20,17 @@ _HALF_TOL = 1e-6  # pixels: a pixel half inside a box (within this) counts as no
 def _clean(value: float) -> float:
     """``value`` rounded to 12 significant digits (``hypot`` noise: 10.000000000000002 -> 10.0)."""
     return float(f"{value:.12g}")
+
+
+def wgs84_bbox(values: Sequence[float]) -> tuple[float, float, float, float]:
+    """``(west, south, east, north)`` in WGS84 degrees, checked (``--bbox``); ValueError naming what is wrong."""
+    if len(values) != 4:
+        raise ValueError(f"--bbox takes west,south,east,north (4 numbers), got {len(values)}")
+    west, south, east, north = (float(v) for v in values)
+    if not (-180 <= west < east <= 180 and -90 <= south < north <= 90):
+        raise ValueError(f"--bbox {','.join(f'{v:g}' for v in values)}: need -180 <= west < east <= 180 and "
+                         "-90 <= south < north <= 90 (WGS84 degrees)")  # fmt: skip
+    return west, south, east, north
 
 
 @dataclass(frozen=True)

@@ -26,7 +26,6 @@ import changedet
 from changedet.errors import ChangeDetError, InputError
 from changedet.io.polygons import polygonize_mask
 from changedet.io.zones import read_zones, write_zones, zone_statistics
-from changedet.pipeline.run_report import write_report
 from changedet.io.styles import write_mask_style, write_probability_style
 from changedet.io.writers import BlockRasterWriter, OutputStaging, write_cog, write_text
 from changedet.metrics import ProbabilityHistogram
@@ -228,6 +227,8 @@ def write_outputs(
             "versions": _versions(),
         }
         write_text(staging.path(RUN_JSON), json.dumps(_strict_json(summary), indent=2, default=str, allow_nan=False))
+        from changedet.pipeline.run_report import write_report  # here: matplotlib only once a run writes outputs
+
         written = {name: staging.path(name) for name in (MASK, PROBABILITY, POLYGONS)}
         write_report(staging.path(REPORT_HTML), staging.path(QUICKLOOK), summary, plan.pair, written, DetectParams().model_dump())
         staging.commit()

@@ -15,6 +15,7 @@ from pydantic import ConfigDict, Field, model_validator
 from changedet.options import Parameters
 from changedet.pipeline.align import RESAMPLING_CHOICES
 from changedet.pipeline.clouds import CLOUD_MASKS
+from changedet.pipeline.grid import wgs84_bbox
 from changedet.pipeline.tiling import DEFAULT_BATCH_SIZE, BLEND_MODES, DEFAULT_OVERLAP, DEFAULT_TILE, MIN_TILE, Tiling
 from changedet.runtime.onnx import RUNTIMES
 
@@ -92,12 +93,7 @@ class DetectParams(Parameters):
         if self.overlap >= self.tile:
             raise ValueError(f"--overlap must be in [0, tile) = [0, {self.tile}), got {self.overlap}")
         if self.bbox is not None:
-            if len(self.bbox) != 4:
-                raise ValueError(f"--bbox takes west,south,east,north (4 numbers), got {len(self.bbox)}")
-            west, south, east, north = self.bbox
-            if not (-180 <= west < east <= 180 and -90 <= south < north <= 90):
-                raise ValueError(f"--bbox {','.join(f'{v:g}' for v in self.bbox)}: need -180 <= west < east <= 180 and "
-                                 "-90 <= south < north <= 90 (WGS84 degrees)")  # fmt: skip
+            wgs84_bbox(self.bbox)
         if self.max_cloud is not None and self.cloud_mask == "none":
             raise ValueError("--max-cloud needs a cloud mask: add --cloud-mask auto (or s2cloudless, scl)")
         if self.threshold is not None and self.threshold_rule == "otsu":
