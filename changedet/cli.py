@@ -1,4 +1,4 @@
-"""Command line: ``changedet detect``, ``evaluate``, ``train``, ``stac-search``, ``robustness``, ``domain-shift``, ``models``."""
+"""Command line: ``changedet detect``, ``monitor``, ``evaluate``, ``train``, ``stac-search``, ``robustness``, ``domain-shift``, ``models``."""
 
 from __future__ import annotations
 
@@ -24,6 +24,39 @@ def _add_detect(sub: argparse._SubParsersAction) -> None:
     add_model_options(p, DetectParams)
     p.add_argument("--overwrite", action="store_true", help="replace existing outputs in --out")
     p.add_argument("--quiet", action="store_true", help="no progress bar or summary")
+
+
+def _add_monitor(sub: argparse._SubParsersAction) -> None:
+    from changedet.monitoring.params import NOT_MONITOR_OPTIONS, MonitorParams
+    from changedet.options import add_model_options
+
+    p = sub.add_parser("monitor", help="compare every new clear acquisition of a STAC catalog over an area with a "
+                       "baseline; confirmed changes, their first date, per-zone hectares, alerts (incremental)")
+    p.add_argument("--out", required=True, help="output folder; its state makes a rerun process only new acquisitions")
+    add_model_options(p, MonitorParams, exclude=NOT_MONITOR_OPTIONS)
+    p.add_argument("--quiet", action="store_true", help="no per-date lines or summary")
+
+
+def _run_monitor(args: argparse.Namespace) -> int:
+    from changedet.monitoring.params import MonitorParams
+    from changedet.monitoring.run import monitor_area
+    from changedet.options import given_values
+
+    params = MonitorParams(**given_values(args, MonitorParams))
+
+    def report(row: dict) -> None:
+        if row["status"] == "compared":
+            print(f"{row['date']}  compared  changed {row['changed_ha']:.2f} ha, confirmed {row['confirmed_ha']:.2f} ha "
+                  f"(+{row['new_confirmed_ha']:.2f}), valid {row['valid_fraction']:.0%}", file=sys.stderr)
+        else:
+            print(f"{row['date']}  {row['status']}{': ' + row['reason'] if row['reason'] else ''}", file=sys.stderr)
+
+    result = monitor_area(args.out, params, None if args.quiet else report)
+    for alert in result.alerts:
+        print(f"alert: zone {alert['zone']} confirmed {alert['confirmed_ha']:.2f} ha > {alert['limit_ha']:g} ha on {alert['date']}")
+    if not args.quiet:
+        print(f"{len(result.new_rows)} new acquisition(s), {len(result.timeline)} in all; outputs in {result.out_dir}/")
+    return 0
 
 
 def _add_evaluate(sub: argparse._SubParsersAction) -> None:
@@ -184,6 +217,7 @@ def build_parser() -> argparse.ArgumentParser:
                              "--debug (anywhere on the command line) prints the traceback of a failure.")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=ErrorLineParser)
     _add_detect(sub)
+    _add_monitor(sub)
     _add_evaluate(sub)
     _add_train(sub)
     _add_stac_search(sub)
@@ -197,7 +231,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     (statuses in :mod:`changedet.failures`: 1 system, 2 bad input, 3 internal, 75 busy, 130 interrupted)."""
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s")
     runners = {"detect": _run_detect, "evaluate": _run_evaluate, "train": _run_train, "models": _run_models,
-               "stac-search": _run_stac_search}
+               "stac-search": _run_stac_search, "monitor": _run_monitor}
 
     def work(args: list[str]) -> int:
         parsed = build_parser().parse_args(args)

@@ -27,7 +27,7 @@ from rasterio.windows import Window
 from rioxarray.exceptions import RioXarrayError
 
 from changedet.errors import ChangeDetError, InputError, OutputError
-from changedet.io.scene import band_name_from_filename, open_scene
+from changedet.io.scene import band_file_names, open_scene
 from changedet.options import ParameterError
 from changedet.pipeline.detect import DetectParams, DetectResult, detect_changes, open_inputs
 from changedet.pipeline.output_table import CERTIFIED_RADIUS, DIFFERENCE, MASK, OUTPUTS, PROBABILITY
@@ -90,24 +90,8 @@ def _band_files(da: xr.DataArray, label: str) -> tuple[tuple[str, ...], tuple[st
     reader recognises as band suffixes (``B02``, ``B8A``, ``b4``, ``band3``, ``SCL``; read upper-case),
     else ``<band>.tif`` (``red``, ``nir``: read as the file stem). Integer coordinates 1..n are ``B1..Bn``."""
     values = da["band"].values.tolist() if "band" in da.coords else list(range(1, da.sizes["band"] + 1))
-    pairs: list[tuple[str, str]] = []  # (name as read, file name)
-    for value in values:
-        raw = f"B{int(value)}" if isinstance(value, int) or (isinstance(value, str) and value.isdigit()) else str(value)
-        if not raw.strip() or raw.startswith(".") or any(c in raw for c in "/\\\0"):
-            raise InputError(f"{label} has band name {raw!r}, which cannot name a band file: rename the band coordinate")
-        prefixed, stem = f"{label}_{raw}.tif", f"{raw}.tif"
-        if band_name_from_filename(prefixed) == raw.upper():  # a band suffix: read upper-case, as from a folder
-            pairs.append((raw.upper(), prefixed))
-        elif band_name_from_filename(stem) == raw:
-            pairs.append((raw, stem))
-        else:
-            raise InputError(f"{label} has band name {raw!r}, which ends like a band suffix ({band_name_from_filename(stem)}) "
-                             "and would be read under that name: rename the band coordinate")
-    names = [name for name, _ in pairs]
-    upper = [n.upper() for n in names]
-    if dupes := sorted({n for n in names if upper.count(n.upper()) > 1}):
-        raise InputError(f"{label} has duplicate band names ({', '.join(dupes)}): give each band once")
-    return tuple(names), tuple(file for _, file in pairs)
+    raws = [f"B{int(v)}" if isinstance(v, int) or (isinstance(v, str) and v.isdigit()) else str(v) for v in values]
+    return band_file_names(raws, label)
 
 
 def _declared_transform(da: xr.DataArray) -> Affine | None:

@@ -47,7 +47,9 @@ class _UnionFind:
             self.parent[max(ra, rb)] = min(ra, rb)
 
 
-def _areas_m2(geoms: list, crs) -> list[float | None]:
+def areas_m2(geoms: list, crs) -> list[float | None]:
+    """Area of each geometry in m²: geodesic on a geographic CRS, planar times the unit's factor otherwise;
+    None without CRS."""
     if crs is None:
         return [None] * len(geoms)
     if crs.is_geographic:
@@ -115,7 +117,7 @@ def polygonize_mask(
             {
                 "id": np.arange(1, len(records) + 1, dtype=np.int64),
                 "pixels": np.array([r[1] for r in records], dtype=np.int64),
-                "area_m2": np.array(_areas_m2(geoms, grid.crs), dtype=np.float64),
+                "area_m2": np.array(areas_m2(geoms, grid.crs), dtype=np.float64),
                 "mean_prob": np.array([r[2] for r in records], dtype=np.float64),
             },
             geometry=gpd.GeoSeries(geoms, crs=grid.crs),

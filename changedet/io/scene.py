@@ -133,6 +133,30 @@ def band_name_from_filename(path: str) -> str:
     return match.group(1).upper() if match else stem
 
 
+def band_file_names(names: Sequence[str], label: str) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """Files that a folder scene reads back under ``names``: (names as read, file names). A name the
+    reader recognises as a band suffix (``B02``, ``B8A``, ``b4``, ``band3``, ``SCL``; read upper-case) is
+    written ``<label>_<name>.tif``, any other (``red``, ``nir``: read as the stem) ``<name>.tif``.
+    :class:`InputError` for a name no file can carry or two names read alike."""
+    pairs: list[tuple[str, str]] = []  # (name as read, file name)
+    for raw in names:
+        if not raw.strip() or raw.startswith(".") or any(c in raw for c in "/\\\0"):
+            raise InputError(f"{label} has band name {raw!r}, which cannot name a band file: rename the band")
+        prefixed, stem = f"{label}_{raw}.tif", f"{raw}.tif"
+        if band_name_from_filename(prefixed) == raw.upper():  # a band suffix: read upper-case, as from a folder
+            pairs.append((raw.upper(), prefixed))
+        elif band_name_from_filename(stem) == raw:
+            pairs.append((raw, stem))
+        else:
+            raise InputError(f"{label} has band name {raw!r}, which ends like a band suffix ({band_name_from_filename(stem)}) "
+                             "and would be read under that name: rename the band")
+    read = [name for name, _ in pairs]
+    upper = [n.upper() for n in read]
+    if dupes := sorted({n for n in read if upper.count(n.upper()) > 1}):
+        raise InputError(f"{label} has duplicate band names ({', '.join(dupes)}): give each band once")
+    return tuple(read), tuple(file for _, file in pairs)
+
+
 def _sort_key(name: str) -> tuple[int, str]:
     return (SENTINEL2_ORDER.index(name), name) if name in SENTINEL2_ORDER else (len(SENTINEL2_ORDER), name)
 

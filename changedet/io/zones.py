@@ -57,7 +57,7 @@ def read_zones(path: str | Path, grid: Grid):
     return polygons
 
 
-def _row_areas(grid: Grid, row0: int, rows: int) -> np.ndarray:
+def row_areas(grid: Grid, row0: int, rows: int) -> np.ndarray:
     """Area in m² of one pixel in each of ``rows`` rows from ``row0`` (north-up grids)."""
     if grid.crs is None:
         return np.ones(rows)
@@ -96,7 +96,7 @@ def zone_statistics(zones, grid: Grid, mask_path: str | Path, prob_path: str | P
                     mask, prob = mask_ds.read(1, window=part), prob_ds.read(1, window=part)
                     ok = inside & (mask != mask_nodata)
                     hit = ok & (mask == 1)
-                    pixel_area = _row_areas(grid, r0, int(part.height))[:, None]
+                    pixel_area = row_areas(grid, r0, int(part.height))[:, None]
                     total += int(inside.sum())
                     valid += int(ok.sum())
                     changed += int(hit.sum())
