@@ -112,15 +112,15 @@ def zone_rows(masks, date: str, pixels: dict[str, np.ndarray], probability: np.n
 
 
 def alerts(state: MonitorState, params: MonitorParams, out_dir: Path) -> list[dict[str, Any]]:
-    """Per zone, the first date its confirmed area exceeded ``--alert-ha`` (one alert per crossing)."""
+    """Per zone, the first date its confirmed area exceeded ``--alert-ha`` (one alert per crossing). The
+    folder's name is the area's; its path is not written (a moved folder keeps the same bytes)."""
     if params.alert_ha is None:
         return []
     found: dict[str, dict[str, Any]] = {}
     for row in state.zones:
         if row["zone"] not in found and row["confirmed_ha"] > params.alert_ha:
             found[row["zone"]] = {"id": f"{out_dir.name}/{row['zone']}/{row['date']}", "area": out_dir.name, "zone": row["zone"],
-                                  "date": row["date"], "confirmed_ha": round(row["confirmed_ha"], 4), "limit_ha": params.alert_ha,
-                                  "outputs": str(out_dir)}  # fmt: skip
+                                  "date": row["date"], "confirmed_ha": round(row["confirmed_ha"], 4), "limit_ha": params.alert_ha}  # fmt: skip
     return list(found.values())
 
 
@@ -143,9 +143,12 @@ def _raster(staging: OutputStaging, name: str, grid: Grid, values: np.ndarray, d
     scratch.unlink()
 
 
-def _polygons(path: Path, grid: Grid, first: np.ndarray, probability: np.ndarray, zones: Any = None) -> None:
-    """The ``confirmed_changes`` layer (and the ``zones`` layer, when given) of ``path``."""
+def _polygons(path: Path, grid: Grid, first: np.ndarray, probability: np.ndarray, stamp: str, zones: Any = None) -> None:
+    """The ``confirmed_changes`` layer (and the ``zones`` layer, when given) of ``path``, its GeoPackage
+    ``last_change`` set to ``stamp`` (the last acquisition's date) instead of the clock, so the same
+    state writes the same bytes."""
     import geopandas as gpd
+    import pyogrio
     import shapely
     from scipy import ndimage
 
@@ -154,8 +157,8 @@ def _polygons(path: Path, grid: Grid, first: np.ndarray, probability: np.ndarray
 
     dated = np.where(first == DATE_NODATA, 0, first).astype(np.int64)
     labels = np.zeros(first.shape, np.int32)
-    for stamp in np.unique(dated[dated > 0]):
-        regions, _ = ndimage.label(dated == stamp)
+    for value in np.unique(dated[dated > 0]):
+        regions, _ = ndimage.label(dated == value)
         labels[regions > 0] = regions[regions > 0] + labels.max()
     count = int(labels.max()) + 1
     pixels = np.bincount(labels.ravel(), minlength=count)
@@ -175,10 +178,14 @@ def _polygons(path: Path, grid: Grid, first: np.ndarray, probability: np.ndarray
                               "mean_probability": np.array([prob_sum[i] / pixels[i] for i in ids], np.float64)},
                              geometry=gpd.GeoSeries(geoms, crs=grid.crs))  # fmt: skip
     frame["area_ha"] = frame["area_m2"] / 1e4
-    with writing(path):
-        frame.to_file(path, layer="confirmed_changes", driver="GPKG", engine="pyogrio", geometry_type="Polygon")
-        if zones is not None:
-            zones.to_file(path, layer="zones", driver="GPKG", engine="pyogrio")
+    pyogrio.set_gdal_config_options({"OGR_CURRENT_DATE": stamp})
+    try:
+        with writing(path):
+            frame.to_file(path, layer="confirmed_changes", driver="GPKG", engine="pyogrio", geometry_type="Polygon")
+            if zones is not None:
+                zones.to_file(path, layer="zones", driver="GPKG", engine="pyogrio")
+    finally:
+        pyogrio.set_gdal_config_options({"OGR_CURRENT_DATE": None})
 
 
 def _zones_layer(params: MonitorParams, state: MonitorState, grid: Grid):
@@ -236,7 +243,8 @@ def write_products(out_dir: Path, state: MonitorState, params: MonitorParams) ->
         threshold = next((r["threshold"] for r in reversed(state.timeline) if r["threshold"] is not None), 0.5)
         write_probability_style(staging.path(LAST_PROBABILITY_STYLE), threshold, FLOAT_NODATA)
         zones = _zones_layer(params, state, grid) if params.zones is not None else None
-        _polygons(staging.path(CONFIRMED), grid, first, np.nan_to_num(pixels.confirmed_probability), zones)
+        stamp = f"{state.timeline[-1]['date']}T00:00:00Z"
+        _polygons(staging.path(CONFIRMED), grid, first, np.nan_to_num(pixels.confirmed_probability), stamp, zones)
         write_text(staging.path(TIMELINE_CSV), _csv(state.timeline, TIMELINE_COLUMNS))
         with writing(staging.path(TIMELINE_PNG)):
             staging.path(TIMELINE_PNG).write_bytes(png_bytes(timeline_figure(state.timeline)))

@@ -185,7 +185,12 @@ def monitor_area(out_dir: str | Path, params: MonitorParams, progress: Callable[
             if progress:
                 progress(row)
         alerts = write_products(plan.out_dir, state, params)
-    return MonitorResult(plan.out_dir, rows, state.timeline, [a for a in alerts if a["id"] not in state.notified])
+    return MonitorResult(plan.out_dir, rows, state.timeline, pending_alerts(plan.out_dir, state, alerts))
+
+
+def pending_alerts(out_dir: Path, state: MonitorState, alerts: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The alerts not yet notified, each with ``outputs``: the folder they concern."""
+    return [{**a, "outputs": str(out_dir)} for a in alerts if a["id"] not in state.notified]
 
 
 def mark_notified(out_dir: str | Path, params: MonitorParams, alert_ids: list[str]) -> None:
