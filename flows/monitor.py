@@ -131,7 +131,7 @@ def monitor_step(name: str, params: MonitorParams, out: str, webhook_url: str | 
     sent = notify(alerts, webhook_url, webhook_block)
     if sent:
         mark_notified(out, params, sent)
-    print(f"{name}: {len(monitor_plan.todo)} new acquisition(s), {len(sent)} alert(s) sent")
+    print(f"{name}: {len(monitor_plan.todo)} new acquisition(s), {len(alerts)} alert(s) pending, {len(sent)} sent")
     return {"name": name, "new": len(monitor_plan.todo), "alerts": sent}
 
 
