@@ -85,11 +85,14 @@ def fold(monitor_plan: MonitorPlan, metas: list[dict[str, Any]]) -> list[dict[st
 
 
 def _artifact(name: str, out: Path, alerts: list[dict[str, Any]]) -> None:
+    """The area's markdown artifact: the timeline plot (inline PNG), the timeline table and the alerts."""
+    import base64
     import csv
 
     with open(out / "timeline.csv", newline="") as fh:
         rows = list(csv.DictReader(fh))
-    lines = [f"# Monitoring: {name}", "", f"Outputs: `{out}` (timeline plot: `{out / 'timeline.png'}`)", "",
+    plot = base64.b64encode((out / "timeline.png").read_bytes()).decode()
+    lines = [f"# Monitoring: {name}", "", f"Outputs: `{out}`", "", f"![timeline](data:image/png;base64,{plot})", "",
              "| date | status | valid | cloud | changed ha | confirmed ha |", "|---|---|---|---|---|---|"]  # fmt: skip
     lines += [f"| {r['date']} | {r['status']}{' — ' + r['reason'] if r['reason'] else ''} | {r['valid_fraction']} | "
               f"{r['cloud_fraction']} | {r['changed_ha']} | {r['confirmed_ha']} |" for r in rows]  # fmt: skip
