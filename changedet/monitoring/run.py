@@ -19,6 +19,7 @@ from __future__ import annotations
 import shutil
 import warnings
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 from typing import Any, Callable
 
@@ -62,11 +63,22 @@ class MonitorPlan:
         """The first usable date's folder: the co-registration reference."""
         return self.state_dir / "reference"
 
+    @cached_property
+    def pixel_ha(self) -> np.ndarray:
+        """Hectares of one pixel per grid row, ``(H, 1)``; computed once per step."""
+        return row_areas(self.grid, 0, self.grid.height)[:, None] / 1e4
 
-def load_state(out_dir: str | Path, params: MonitorParams) -> MonitorState:
-    """The state of ``out_dir``; :class:`InputError` when it was built with other options."""
+    @cached_property
+    def zone_masks(self) -> list:
+        """The zones rasterized on the grid (:func:`~changedet.monitoring.products.zone_masks`), once per step."""
+        return zone_masks(self.params.zones, self.grid)
+
+
+def load_state(out_dir: str | Path, params: MonitorParams, pixels: bool = True) -> MonitorState:
+    """The state of ``out_dir`` (``pixels=False``: without its arrays); :class:`InputError` when it was
+    built with other options."""
     try:
-        return MonitorState.load(Path(out_dir) / STATE_DIR, params.fingerprint())
+        return MonitorState.load(Path(out_dir) / STATE_DIR, params.fingerprint(), pixels)
     except ValueError as exc:
         raise InputError(f"--out {out_dir}: {exc}; monitor into a new folder to change them") from None
 
@@ -76,7 +88,7 @@ def plan_monitor(out_dir: str | Path, params: MonitorParams) -> MonitorPlan:
     Items dated on or before it that were not seen then are recorded as late and left out (the
     period is processed in date order)."""
     out_dir = Path(out_dir).absolute()
-    state = load_state(out_dir, params)
+    state = load_state(out_dir, params, pixels=False)
     items = catalog_items(params.stac, tuple(params.bbox), params.collection, params.start, params.end)
     folder = out_dir / STATE_DIR / "items"
     new = [a for a in acquisitions(items, tuple(params.bbox), folder) if a.item_id not in state.seen]
@@ -139,7 +151,7 @@ def apply_date(plan: MonitorPlan, state: MonitorState, acquisition: Acquisition,
     if meta["skipped"] is None:
         state.grid = state.grid or plan.grid.to_dict()
         values, valid = read_band_folder(date_dir, plan.grid)
-        area_ha = row_areas(plan.grid, 0, plan.grid.height)[:, None] / 1e4
+        area_ha = plan.pixel_ha
         if state.pixels is None:
             state.pixels = PixelState.empty(plan.params.baseline_k, values.shape[0], plan.grid.shape)
             state.pixels.start(values, valid)
@@ -152,8 +164,7 @@ def apply_date(plan: MonitorPlan, state: MonitorState, acquisition: Acquisition,
                        new_confirmed_ha=float((pixels["confirmed"] * area_ha).sum()),
                        confirmed_ha=float((confirmed * area_ha).sum()), threshold=summary["threshold"])  # fmt: skip
             if plan.params.zones is not None:
-                state.zones.extend(zone_rows(zone_masks(plan.params.zones, plan.grid), acquisition.date, pixels,
-                                             probability, confirmed, area_ha))  # fmt: skip
+                state.zones.extend(zone_rows(plan.zone_masks, acquisition.date, pixels, probability, confirmed, area_ha))
     state.timeline.append(row)
     state.save(plan.state_dir)
     if date_dir.exists() and date_dir.resolve() != plan.reference_dir.resolve():

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -59,7 +60,8 @@ class PixelState:
         if self.history.shape[0] == 1:
             image = self.history[0]
         else:
-            with np.errstate(all="ignore"), _quiet():
+            with np.errstate(all="ignore"), warnings.catch_warnings():
+                warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN pixels: no baseline yet
                 image = np.nanmedian(self.history, axis=0).astype(np.float32)
         return image, np.all(np.isfinite(image), axis=0)
 
@@ -101,22 +103,8 @@ class PixelState:
         self.run_length[done] = 0
         self.run_probability[done] = 0.0
         self._push(done, values, restart=True)
-        self.start(values, valid & ~compared)
+        self._push(valid & ~has_baseline, values)  # the baseline starts where there was none
         return {"compared": compared, "changed": hit, "confirmed": confirmed}
-
-
-class _quiet:
-    """Silence numpy's all-NaN slice warning (empty history pixels are expected)."""
-
-    def __enter__(self) -> None:
-        import warnings
-
-        self._catch = warnings.catch_warnings()
-        self._catch.__enter__()
-        warnings.simplefilter("ignore", RuntimeWarning)
-
-    def __exit__(self, *exc: object) -> None:
-        self._catch.__exit__(*exc)
 
 
 @dataclass
@@ -173,18 +161,18 @@ class MonitorState:
                 old.unlink()
 
     @classmethod
-    def load(cls, folder: str | Path, fingerprint: str) -> "MonitorState":
+    def load(cls, folder: str | Path, fingerprint: str, pixels: bool = True) -> "MonitorState":
         """The state saved in ``folder``, or a new one; a state made with other options is not continued
-        (:class:`ValueError`)."""
+        (:class:`ValueError`). ``pixels=False`` leaves the arrays unread (planning needs only the dates)."""
         path = Path(folder) / "progress.json"
         if not path.is_file():
             return cls(fingerprint)
         document = json.loads(path.read_text())
         if document["fingerprint"] != fingerprint:
             raise ValueError("options differ from the ones this folder's monitoring state was built with")
-        pixels = None
-        if document.get("pixels"):
-            with np.load(Path(folder) / document["pixels"], allow_pickle=False) as arrays:
-                pixels = PixelState(**{k: arrays[k] for k in ARRAYS})
+        arrays = None
+        if pixels and document.get("pixels"):
+            with np.load(Path(folder) / document["pixels"], allow_pickle=False) as stored:
+                arrays = PixelState(**{k: stored[k] for k in ARRAYS})
         fields = {k: document[k] for k in ("grid", "timeline", "zones", "notified", "late")}
-        return cls(fingerprint, pixels=pixels, **fields)
+        return cls(fingerprint, pixels=arrays, **fields)
