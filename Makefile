@@ -22,7 +22,7 @@ demo: $(STAMP)
 	@echo "report: outputs/demo/report.html"
 
 test: $(STAMP)
-	$(VENV)/bin/python -m pytest -q
+	$(VENV)/bin/python -m pytest -q --durations=30
 
 clean:
 	rm -rf $(VENV) outputs .pytest_cache

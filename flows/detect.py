@@ -176,10 +176,12 @@ def detect_pair(params: DetectFlowParams) -> dict[str, Any]:
         todo = missing_batches(run_plan, store_root)
         print(f"{len(run_plan.tiles)} tiles in {len(run_plan.batches)} batches, {len(todo)} batches to predict")
         groups = [todo[i : i + params.batches_per_task] for i in range(0, len(todo), params.batches_per_task)]
+        predict_started = time.perf_counter()
         stats = [f.result() for f in predict.map(unmapped(run_plan), groups, unmapped(store_root))]
         timings = {
             "read_s": sum(s["read_s"] for s in stats),
             "model_s": sum(s["model_s"] for s in stats),
+            "predict_total_s": time.perf_counter() - predict_started,
             "predict_wall_s": time.perf_counter() - started,
         }
         summary = write(run_plan, store_root, params, timings)

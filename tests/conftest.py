@@ -15,6 +15,17 @@ SAMPLE = REPO / "data" / "sample" / "oscd_bercy"
 SHARED = REPO.parent / "shared" / "data"
 
 
+@pytest.fixture(scope="session", autouse=True)
+def onnx_export_cache(tmp_path_factory) -> Path:
+    """The default runtime's ONNX exports go to a folder of this session (every process it starts
+    inherits it), not to the user's ~/.cache."""
+    import os
+
+    folder = tmp_path_factory.mktemp("changedet-cache")
+    os.environ["CHANGEDET_CACHE_DIR"] = str(folder)
+    return folder
+
+
 @pytest.fixture(scope="session")
 def sample_city() -> Path:
     """The bundled OSCD city (always present in the repo)."""

@@ -4,12 +4,13 @@ JSON alert per crossing posted to a real HTTP receiver on 127.0.0.1 — and not 
 from __future__ import annotations
 
 import json
-import threading
-from http.server import BaseHTTPRequestHandler, HTTPServer
+from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 
 import pytest
 import yaml
+
+from changedet.testing.range_server import threaded_http_server
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -28,11 +29,8 @@ def receiver():
         def log_message(self, *args) -> None:
             pass
 
-    server = HTTPServer(("127.0.0.1", 0), Handler)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    yield f"http://127.0.0.1:{server.server_port}/hook", received
-    server.shutdown()
+    with threaded_http_server(Handler) as url:
+        yield f"{url}hook", received
 
 
 def test_flow_alerts_once_per_crossing(prefect_api, receiver, tmp_path):

@@ -7,8 +7,7 @@ import datetime as dt
 import json
 import shutil
 import socket
-import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 
 import numpy as np
@@ -20,7 +19,7 @@ from changedet.cli import main
 from changedet.io.remote import display_url, gdal_path
 from changedet.io.scene import open_scene
 from changedet.pipeline.detect import DetectParams, detect_changes
-from changedet.testing.range_server import RangeServer
+from changedet.testing.range_server import RangeServer, threaded_http_server
 from changedet.testing.stac import write_cogs, write_item
 from tests.conftest import write_raster
 from tests.reliability import Case, assert_failed_cleanly, assert_one_error_line, snapshot
@@ -205,11 +204,8 @@ def stac_api(site):
                           properties={"datetime": when, "eo:cloud_cover": cloud})  # fmt: skip
         items.append({**json.loads(path.read_text()), "collection": "sentinel-2-l1c"})
     handler = type("Api", (_StacApi,), {"items": items})
-    httpd = ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
-    thread.start()
-    yield f"http://127.0.0.1:{httpd.server_address[1]}/", folder
-    httpd.shutdown()
+    with threaded_http_server(handler) as url:
+        yield url, folder
 
 
 def test_stac_api_search_saves_items_that_detect_reads(stac_api, local_outputs, capsys):

@@ -135,7 +135,7 @@ def _detect(plan: MonitorPlan, state: MonitorState, date_dir: Path, meta: dict[s
     result = detect_changes(work / "baseline", date_dir, work / "detect", plan.params.detect_params(), overwrite=True)
     with rasterio.open(result.path(PROBABILITY)) as prob_ds, rasterio.open(result.path(MASK)) as mask_ds:
         if (prob_ds.transform, prob_ds.width, prob_ds.height) != (plan.grid.transform, plan.grid.width, plan.grid.height):
-            raise InputError(f"internal error: the detection of {meta['date']} is not on the monitoring grid")
+            raise RuntimeError(f"the detection of {meta['date']} is not on the monitoring grid")  # a bug: exit 3
         probability, mask = prob_ds.read(1), mask_ds.read(1)
     probability = np.where(probability == np.float32(FLOAT_NODATA), np.nan, probability).astype(np.float32)
     shutil.rmtree(work, ignore_errors=True)

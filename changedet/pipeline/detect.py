@@ -7,7 +7,8 @@ step by step:
    statistics, plan tiles and fixed tile batches, fingerprint the content of inputs + model +
    parameters (:class:`~changedet.pipeline.planning.RunPlan`, picklable, small);
 2. :func:`predict_batch` — predict one batch of tiles into a :class:`~changedet.pipeline.tilestore.TileStore`
-   (any process; readers and models are cached per process);
+   (any process; readers and models are cached per process), the next batch read meanwhile in a
+   background thread (:func:`read_ahead`);
 3. :func:`~changedet.pipeline.outputs.write_outputs` — blend the stored tiles into COGs, polygonise, write
    ``run.json``, and move everything into the output folder atomically.
 
@@ -20,9 +21,10 @@ from __future__ import annotations
 import shutil
 import threading
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import torch
 
@@ -37,7 +39,7 @@ from changedet.pipeline.outputs import (  # noqa: F401 - the output table, re-ex
 from changedet.pipeline.planning import (  # noqa: F401 - planning API, re-exported
     DetectParams, RunPlan, content_fingerprint, input_fingerprint, open_inputs, open_tile_store, plan_layout, plan_run,
 )
-from changedet.pipeline.inference import SceneRunner, read_batch
+from changedet.pipeline.inference import SceneRunner, TileBatch, read_batch
 from changedet.pipeline.predictor import TilePredictor
 from changedet.pipeline.tilestore import TileStore
 
@@ -45,17 +47,16 @@ TILE_STORE_DIR = ".changedet-tiles"
 
 
 _WORKER = threading.local()
+_READ_POOL: list[ThreadPoolExecutor] = []  # the process's one read-ahead thread, started on first use
 
 
-def _worker_state(plan: RunPlan, store_root: str | Path) -> tuple[PairReader, SceneRunner, TileStore]:
-    """Reader, runner and tile store opened once per worker thread and run (rasterio datasets are
-    not shared across threads); reopened when another run arrives. In the planning process the
-    plan's own model is reused; other processes build it from the plan's spec and scene fit."""
+def _worker_state(plan: RunPlan, store_root: str | Path) -> tuple[SceneRunner, TileStore]:
+    """Runner and tile store opened once per worker thread and run; reopened when another run
+    arrives. In the planning process the plan's own model is reused; other processes build it from
+    the plan's spec and scene fit."""
     key = (plan.fingerprint, str(store_root))
     cached = getattr(_WORKER, "state", None)
-    if cached is None or cached[0] != key or not cached[3].path.exists():
-        if cached is not None:
-            cached[1].close()
+    if cached is None or cached[0] != key or not cached[2].path.exists():
         if plan.params.threads:
             torch.set_num_threads(plan.params.threads)
         predictor = plan.predictor
@@ -63,27 +64,56 @@ def _worker_state(plan: RunPlan, store_root: str | Path) -> tuple[PairReader, Sc
             predictor = TilePredictor.of_params(plan.spec, (plan.pair.t1.count, plan.pair.t2.count), plan.params)
             predictor.load_scene_fit(plan.scene_fit)
         runner = predictor.runner(plan.params.tiling, plan.params.batch_size, plan.smoothing)
-        _WORKER.state = (key, PairReader(plan.pair).__enter__(), runner, open_tile_store(plan, store_root))
+        _WORKER.state = (key, runner, open_tile_store(plan, store_root))
     return _WORKER.state[1:]
 
 
-def predict_batch(plan: RunPlan, batch: int, store_root: str | Path) -> dict[str, float]:
-    """Predict the tiles of ``plan.batches[batch]`` into the tile store; returns read/model seconds."""
-    reader, runner, store = _worker_state(plan, store_root)
-    tiles = [plan.tiles[i] for i in plan.batches[batch]]
+def _thread_reader(plan: RunPlan) -> PairReader:
+    """This thread's reader of the plan's pair (rasterio datasets are not shared across threads)."""
+    cached = getattr(_WORKER, "reader", None)
+    if cached is None or cached[0] != plan.fingerprint:
+        if cached is not None:
+            cached[1].close()
+        _WORKER.reader = (plan.fingerprint, PairReader(plan.pair).__enter__())
+    return _WORKER.reader[1]
+
+
+def read_tiles(plan: RunPlan, batch: int) -> tuple[TileBatch, float]:
+    """The raw tiles of ``plan.batches[batch]`` and the seconds their reading took."""
     start = time.perf_counter()
-    raw = read_batch(reader.read, tiles)
-    read_s = time.perf_counter() - start
+    raw = read_batch(_thread_reader(plan).read, [plan.tiles[i] for i in plan.batches[batch]])
+    return raw, time.perf_counter() - start
+
+
+def read_ahead(plan: RunPlan, batches: Sequence[int]) -> Iterator[tuple[int, tuple[TileBatch, float]]]:
+    """``(batch, read_tiles(plan, batch))`` in order, each batch read in a background thread while the
+    caller predicts the one before (reading, resampling and masking release the GIL in GDAL and numpy)."""
+    if not _READ_POOL:
+        _READ_POOL.append(ThreadPoolExecutor(1, thread_name_prefix="changedet-read-ahead"))
+    pool = _READ_POOL[0]
+    pending: Future | None = None
+    for k, batch in enumerate(batches):
+        raw = (pending or pool.submit(read_tiles, plan, batch)).result()
+        pending = pool.submit(read_tiles, plan, batches[k + 1]) if k + 1 < len(batches) else None
+        yield batch, raw
+
+
+def predict_batch(plan: RunPlan, batch: int, store_root: str | Path, raw: tuple[TileBatch, float] | None = None) -> dict[str, float]:
+    """Predict the tiles of ``plan.batches[batch]`` (read here unless ``raw`` holds them, from
+    :func:`read_tiles`) into the tile store; returns read/model seconds."""
+    runner, store = _worker_state(plan, store_root)
+    tiles, read_s = raw or read_tiles(plan, batch)
     model_before = runner.model_seconds
-    prob, diff = runner.predict(raw)
-    for i, tile in enumerate(tiles):
-        store.write(tile.index, prob[i], diff[i], raw.valid[i])
-    return {"read_s": read_s, "model_s": runner.model_seconds - model_before, "tiles": len(tiles)}
+    prob, diff = runner.predict(tiles)
+    for i, tile in enumerate(tiles.tiles):
+        store.write(tile.index, prob[i], diff[i], tiles.valid[i])
+    return {"read_s": read_s, "model_s": runner.model_seconds - model_before, "tiles": len(tiles.tiles)}
 
 
 def predict_batches(plan: RunPlan, batches: Sequence[int], store_root: str | Path) -> dict[str, float]:
-    """:func:`predict_batch` over several batches (one scheduler task); returns summed read/model seconds."""
-    stats = [predict_batch(plan, b, store_root) for b in batches]
+    """:func:`predict_batch` over several batches (one scheduler task), reading ahead; returns summed
+    read/model seconds."""
+    stats = [predict_batch(plan, b, store_root, raw) for b, raw in read_ahead(plan, batches)]
     return {k: sum(s[k] for s in stats) for k in ("read_s", "model_s", "tiles")}
 
 
@@ -139,8 +169,8 @@ def detect_changes(
             resumed = sum(len(b) for i, b in enumerate(plan.batches) if i not in set(todo))
             if progress:
                 progress(resumed)
-            for b in todo:
-                stats = predict_batch(plan, b, store_root)
+            for b, raw in read_ahead(plan, todo):
+                stats = predict_batch(plan, b, store_root, raw)
                 timings["read_s"] += stats["read_s"]
                 timings["model_s"] += stats["model_s"]
                 if progress:

@@ -122,7 +122,8 @@ class SceneRunner:
         step = tiles if self.device.type != "cpu" else max(1, CPU_PIXELS_PER_CALL // pixels_per_tile)
         return [slice(i, i + step) for i in range(0, tiles, step)]
 
-    def _forward(self, z1: torch.Tensor, z2: torch.Tensor) -> list[ChangeOutput]:
+    def forward(self, z1: torch.Tensor, z2: torch.Tensor) -> list[ChangeOutput]:
+        """The model's outputs for normalised inputs ``(B, C, h, w)`` (eval mode, no autograd), in the calls of :meth:`_calls`."""
         was_training = self.model.training
         self.model.eval()
         try:
@@ -154,7 +155,7 @@ class SceneRunner:
     def _probabilities(self, batch: TileBatch) -> tuple[np.ndarray, np.ndarray]:
         z1, z2 = self.tensors(batch)
         start = time.perf_counter()
-        outs = self._forward(z1, z2)
+        outs = self.forward(z1, z2)
         prob = torch.cat([torch.sigmoid(o.logits.float())[:, 0] for o in outs]).cpu().numpy()
         diff = torch.cat([o.difference[:, 0].float() for o in outs]).cpu().numpy()
         self.model_seconds += time.perf_counter() - start

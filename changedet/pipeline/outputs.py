@@ -211,7 +211,7 @@ def write_outputs(
         summary = {
             "inputs": inputs or {"t1": plan.pair.t1.source, "t2": plan.pair.t2.source},
             **plan.pair.to_dict(),
-            "model": plan.spec.describe(),
+            "model": {**plan.spec.describe(), "runtime": plan.runtime},
             "parameters": plan.params.model_dump(),
             "threshold": threshold,
             "fingerprint": plan.fingerprint,

@@ -74,9 +74,9 @@ class DetectParams(Parameters):
                                    "of the map is wrong (Bonferroni over the grid's pixels)")
     batch_size: int = Field(DEFAULT_BATCH_SIZE, ge=1, description="tiles per model call")
     device: str = Field("cpu", description="cpu, cuda or cuda:N")
-    runtime: Literal[RUNTIMES] = Field("torch", description="inference engine: torch, ONNX Runtime float32, "  # type: ignore[valid-type]
-                                       "or ONNX Runtime with int8 weights (CPU)")
-    threads: int | None = Field(None, ge=1, description="torch intra-op threads per worker (default: torch's)")
+    runtime: Literal[RUNTIMES] = Field("auto", description="inference engine: auto (ONNX Runtime on the CPU for models "  # type: ignore[valid-type]
+                                       "that export, else torch), torch, ONNX Runtime float32, or ONNX Runtime with int8 weights (CPU)")
+    threads: int | None = Field(None, ge=1, description="intra-op threads per worker, torch's and ONNX Runtime's (default: torch's)")
     sample_tiles: int = Field(16, ge=1, description="tiles sampled to estimate scene statistics")
     seed: int = Field(0, description="seed of the scene sampling")
     max_pixels: int = Field(1 << 32, ge=1, description="refuse common grids larger than this many pixels (a corrupt or absurd declared size)")

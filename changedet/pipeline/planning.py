@@ -59,6 +59,7 @@ class RunPlan:
     warnings: list[str] = field(default_factory=list)
     predictor: TilePredictor | None = field(default=None, repr=False, compare=False)
     smoothing: Smoothing | None = None
+    runtime: str = "torch"
 
     def __getstate__(self) -> dict:
         """Pickled without the planning process's model: other processes build their own."""
@@ -341,7 +342,7 @@ def _plan(t1: str | Path, t2: str | Path, params: DetectParams, fingerprint: str
     fingerprint = fingerprint or content_fingerprint(scene1, scene2, spec, params)
     timings["fingerprint_s"] = time.perf_counter() - start
     return RunPlan(pair, tiles, batches, spec, params, threshold, predictor.scene_fit(), fingerprint, timings, predictor=predictor,
-                   smoothing=smoothing)
+                   smoothing=smoothing, runtime=predictor.runtime)
 
 
 def plan_layout() -> str:

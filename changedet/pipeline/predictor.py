@@ -17,7 +17,7 @@ from changedet.pipeline.inference import InputTransform, SceneRunner, TileBatch
 from changedet.pipeline.smoothing import Smoothing
 from changedet.pipeline.tiling import DEFAULT_BATCH_SIZE, Tiling
 from changedet.runtime.memory import keep_freed_memory
-from changedet.runtime.onnx import to_runtime
+from changedet.runtime.onnx import EXAMPLE_SIDE, to_runtime
 from changedet.errors import ModelError
 from changedet.io.bands import COLOUR_ROLES
 from changedet.models import ChangeModel, create_model, model_entry
@@ -161,7 +161,8 @@ class TilePredictor:
     the one :class:`~changedet.pipeline.inference.SceneRunner` (:meth:`runner`)."""
 
     def __init__(
-        self, spec: ModelSpec, in_channels: tuple[int, int], device: str = "cpu", runtime: str = "torch", tta: bool = False
+        self, spec: ModelSpec, in_channels: tuple[int, int], device: str = "cpu", runtime: str = "torch", tta: bool = False,
+        tile: int = EXAMPLE_SIDE,
     ) -> None:
         self.spec = spec
         self.device = resolve_device(device)
@@ -183,10 +184,12 @@ class TilePredictor:
         self.min_input_size = self.model.min_input_size
         if self.device.type == "cpu":
             keep_freed_memory()
-        if runtime != "torch":
-            if self.device.type != "cpu":
-                raise ModelError(f"--runtime {runtime} runs on the CPU; drop --device {device}")
-            self.model = to_runtime(self.model, runtime)
+        if runtime not in ("torch", "auto") and self.device.type != "cpu":
+            raise ModelError(f"--runtime {runtime} runs on the CPU; drop --device {device}")
+        eager = self.model
+        self.model = to_runtime(eager, runtime, size=tile, device=self.device)
+        #: the runtime the model runs on: ``torch``, ``onnx`` or ``onnx-int8`` (``auto`` resolved)
+        self.runtime = "torch" if self.model is eager else ("onnx" if runtime == "auto" else runtime)
         if tta:
             self.model = DihedralTTA(self.model)
         norm = spec.metadata.get("normalization")
@@ -209,8 +212,9 @@ class TilePredictor:
 
     @classmethod
     def of_params(cls, spec: ModelSpec, in_channels: tuple[int, int], params: "DetectParams") -> "TilePredictor":
-        """The predictor a detect run with (resolved) ``params`` uses: device, runtime and test-time augmentation."""
-        return cls(spec, in_channels, params.device, params.runtime, params.tta == "dihedral")
+        """The predictor a detect run with (resolved) ``params`` uses: device, runtime (exported at the run's tile
+        size) and test-time augmentation."""
+        return cls(spec, in_channels, params.device, params.runtime, params.tta == "dihedral", params.tile)
 
     def harmonize(self, x1: np.ndarray, x2: np.ndarray) -> np.ndarray:
         """Fit the map of t2's values onto t1's from valid pixel samples ``(N, C)`` of each date

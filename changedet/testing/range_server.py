@@ -22,6 +22,8 @@ import subprocess
 import sys
 import threading
 import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -197,6 +199,21 @@ class RangeServer:
     def bytes_served(self, path: str = "") -> int:
         """Body bytes sent so far, for URL paths containing ``path``."""
         return sum(r.sent for r in self.requests() if path in r.path)
+
+
+@contextmanager
+def threaded_http_server(handler: type[BaseHTTPRequestHandler]) -> Iterator[str]:
+    """``handler`` served on ``127.0.0.1`` (a free port) in a thread of this process, for the ``with``
+    block; yields ``http://127.0.0.1:<port>/``."""
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    httpd.daemon_threads = True
+    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{httpd.server_address[1]}/"
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
 
 
 def serve(root: str | Path) -> None:

@@ -1,0 +1,253 @@
+"""Benchmark: the default detect against ``--runtime torch``, the torchgeo reference and the raw model
+forward of each runtime over the same tiles; peak RSS against scene size; Dask worker scaling.
+
+    python benchmarks/speed.py                       # every table (resumable; rows kept in benchmarks/results/speed/)
+    python benchmarks/speed.py --sizes 4096 --repeats 3 --city ../shared/data/oscd/... --rss-sizes 2048 8192
+
+Every measured command is a fresh process (start-up counts, peak RSS is its own, from ``wait4``):
+
+- ``default``: ``changedet detect`` as a user runs it (``--runtime auto``: ONNX Runtime on the CPU);
+- ``torch``: the same with ``--runtime torch``;
+- ``torchgeo``: ``benchmarks/torchgeo_reference.py``'s reference (RasterDataset + GridGeoSampler +
+  DataLoader + in-memory stitching; skipped when torchgeo is not installed);
+- ``raw-onnx`` / ``raw-torch``: only the model calls of the same tiles, in the same calls as detect
+  makes, after each batch has been read and normalised outside the clock.
+
+The commands of one repeat run back to back in a rotated order; ratios are taken within a repeat
+(paired) and reported as median and range. Scenes: synthetic 4-band uint16 pairs, fc-siam-diff
+(randomly initialised, saved as a checkpoint), tiles 512 px, overlap 32, batch 4, the same files as
+``torchgeo_reference.py``. ``--city`` adds a real ~1 Mpx Sentinel-2 city with the bundled ``oscd-s2``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+WORK = Path(__file__).parent / "_work"
+RESULTS = REPO / "benchmarks" / "results" / "speed"
+TILE, OVERLAP, BATCH = 512, 32, 4
+TORCHGEO_PYTHON = [sys.executable]  # --torchgeo-python: an environment with torchgeo (not a changedet dependency)
+
+
+def scene(size: int):  # noqa: ANN201 - SyntheticPair
+    """The synthetic pair and checkpoint of ``torchgeo_reference.py`` at ``size``² (written once)."""
+    import torch
+
+    from changedet.checkpoint import save_checkpoint
+    from changedet.models import create_model
+    from changedet.testing.synthetic import SyntheticPair, write_synthetic_pair
+
+    folder = WORK / f"torchgeo_{size}"
+    pair = SyntheticPair(folder / "t1.tif", folder / "t2.tif", folder / "label.tif")
+    if not pair.label.exists():
+        pair = write_synthetic_pair(folder, size, size, bands=4, n_changes=100)
+    checkpoint = folder / "fc-siam-diff.safetensors"
+    if not checkpoint.exists():
+        torch.manual_seed(0)
+        save_checkpoint(checkpoint, create_model("fc-siam-diff", in_channels=4), {"model": "fc-siam-diff", "config": {}})
+    return pair, checkpoint
+
+
+def measure(cmd: list[str], env: dict[str, str] | None = None) -> dict[str, float]:
+    """Wall seconds and peak RSS (MB) of one fresh process; its last stdout line when it is JSON."""
+    start = time.perf_counter()
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, env={**os.environ, **(env or {})}, cwd=REPO, text=True)
+    out = proc.stdout.read()
+    _, status, usage = os.wait4(proc.pid, 0)
+    wall = time.perf_counter() - start
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    if proc.returncode != 0:
+        raise SystemExit(f"error: {' '.join(cmd)} exited with {proc.returncode}")
+    last = out.strip().splitlines()[-1] if out.strip() else "{}"
+    extra = json.loads(last) if last.startswith("{") else {}
+    return {"wall_s": wall, "peak_rss_mb": usage.ru_maxrss / 1024, **extra}
+
+
+def detect_cmd(t1: Path, t2: Path, model: str, out: Path, *options: str) -> list[str]:
+    return [sys.executable, "-m", "changedet.cli", "detect", "--t1", str(t1), "--t2", str(t2), "--model", model,
+            "--out", str(out), "--overwrite", "--quiet", *options]  # fmt: skip
+
+
+def raw_forward(t1: str, t2: str, model: str, runtime: str, tiling: dict[str, int]) -> dict[str, float]:
+    """Seconds in the model calls alone over every tile of the scene (child process of the ``raw-*``
+    commands); ``tiling``: tile/overlap/batch_size given to detect (its defaults otherwise)."""
+    import torch
+
+    from changedet.pipeline.detect import DetectParams, plan_run, read_tiles
+
+    plan = plan_run(t1, t2, DetectParams(model=model, runtime=runtime, **tiling))
+    runner = plan.predictor.runner(plan.params.tiling, plan.params.batch_size, plan.smoothing)
+    seconds = 0.0
+    for b in range(len(plan.batches)):
+        tiles, _ = read_tiles(plan, b)
+        z1, z2 = runner.tensors(tiles)
+        start = time.perf_counter()
+        outs = runner.forward(z1, z2)
+        torch.cat([torch.sigmoid(o.logits) for o in outs])
+        seconds += time.perf_counter() - start
+    return {"forward_s": seconds, "runtime": plan.runtime, "tiles": len(plan.tiles)}
+
+
+def commands(t1: Path, t2: Path, model: str, size_key: str, torchgeo_size: int | None) -> dict[str, list[str]]:
+    out = WORK / "speed_out" / size_key
+    raw = [sys.executable, __file__, "--raw", "--t1", str(t1), "--t2", str(t2), "--model", model]
+    cmds = {
+        "default": detect_cmd(t1, t2, model, out / "default"),
+        "torch": detect_cmd(t1, t2, model, out / "torch", "--runtime", "torch"),
+        "raw-onnx": [*raw, "--runtime", "onnx"],
+        "raw-torch": [*raw, "--runtime", "torch"],
+    }
+    if model.endswith(".safetensors"):
+        for name in ("default", "torch"):
+            cmds[name] += ["--tile", str(TILE), "--overlap", str(OVERLAP), "--batch-size", str(BATCH)]
+        for name in ("raw-onnx", "raw-torch"):
+            cmds[name] += ["--tile", str(TILE), "--overlap", str(OVERLAP), "--batch", str(BATCH)]
+    if torchgeo_size is not None:
+        if subprocess.run([TORCHGEO_PYTHON[0], "-c", "import torchgeo"], capture_output=True).returncode != 0:
+            print(f"torchgeo reference skipped: {TORCHGEO_PYTHON[0]} cannot import torchgeo (pip install torchgeo==0.8.1)")
+        else:
+            cmds["torchgeo"] = [TORCHGEO_PYTHON[0], str(REPO / "benchmarks" / "torchgeo_reference.py"), "--size", str(torchgeo_size),
+                                "--tile", str(TILE), "--overlap", str(OVERLAP), "--batch-size", str(BATCH), "--side", "torchgeo"]  # fmt: skip
+    return cmds
+
+
+def paired(key: str, cmds: dict[str, list[str]], repeats: int) -> list[dict[str, dict]]:
+    """``repeats`` rounds (at least) of every command in rotated order, each round saved (and reused) as it finishes."""
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    rounds = []
+    names = list(cmds)
+    for r in range(repeats):
+        path = RESULTS / f"{key}-r{r}.json"
+        if path.exists() and set(json.loads(path.read_text())) >= set(names):
+            rounds.append(json.loads(path.read_text()))
+            continue
+        if r == 0:  # warm-up: page cache, export cache
+            for name in ("default", "raw-onnx"):
+                measure(cmds[name])
+        order = names[r % len(names):] + names[: r % len(names)]
+        row = {name: measure(cmds[name]) for name in order}
+        path.write_text(json.dumps(row, indent=1))
+        rounds.append(row)
+    while (RESULTS / f"{key}-r{len(rounds)}.json").exists():  # rounds of an earlier run with more repeats count too
+        rounds.append(json.loads((RESULTS / f"{key}-r{len(rounds)}.json").read_text()))
+    return rounds
+
+
+def seconds(run: dict, name: str) -> float:
+    """The time that counts for a command: the model calls for ``raw-*``, the whole process otherwise."""
+    return run["forward_s"] if name.startswith("raw") else run["wall_s"]
+
+
+def ratio_table(key: str, rounds: list[dict[str, dict]]) -> list[dict]:
+    """Per pair of commands: the median and range of the within-round ratio."""
+    pairs = [("torch", "default"), ("torchgeo", "default"), ("default", "raw-onnx"), ("torch", "raw-torch"),
+             ("raw-torch", "raw-onnx")]  # fmt: skip
+    rows = []
+    print(f"\n{key}: {len(rounds)} paired rounds")
+    print(f"{'command':>10} {'median s':>9} {'peak RSS MB':>11}")
+    for name in rounds[0]:
+        print(f"{name:>10} {statistics.median(seconds(r[name], name) for r in rounds):>9.2f} "
+              f"{statistics.median(r[name]['peak_rss_mb'] for r in rounds):>11.0f}")  # fmt: skip
+    print(f"{'ratio':>22} {'median':>7} {'range':>13}")
+    for a, b in pairs:
+        if a not in rounds[0] or b not in rounds[0]:
+            continue
+        values = [seconds(r[a], a) / seconds(r[b], b) for r in rounds]
+        print(f"{a + ' / ' + b:>22} {statistics.median(values):>7.2f} {min(values):>6.2f}-{max(values):.2f}")
+        rows.append({"scene": key, "ratio": f"{a} / {b}", "median": statistics.median(values), "min": min(values), "max": max(values)})
+    return rows
+
+
+def rss_rows(sizes: list[int]) -> list[dict]:
+    """One default detect per scene size: wall, peak RSS, throughput."""
+    rows = []
+    print(f"\n{'size':>6} {'Mpx':>6} {'wall s':>8} {'peak RSS MB':>11} {'Mpx/s':>6}   (default detect, fc-siam-diff, 4 bands)")
+    for size in sizes:
+        path = RESULTS / f"rss-{size}.json"
+        if not path.exists():
+            pair, checkpoint = scene(size)
+            run = measure(detect_cmd(pair.t1, pair.t2, str(checkpoint), WORK / "speed_out" / f"rss_{size}", "--tile", str(TILE),
+                                     "--overlap", str(OVERLAP), "--batch-size", str(BATCH)))  # fmt: skip
+            path.write_text(json.dumps({"size": size, **run}))
+        row = json.loads(path.read_text())
+        mpx = size * size / 1e6
+        print(f"{size:>6} {mpx:>6.1f} {row['wall_s']:>8.1f} {row['peak_rss_mb']:>11.0f} {mpx / row['wall_s']:>6.2f}")
+        rows.append(row)
+    return rows
+
+
+def worker_rows(size: int, repeats: int) -> list[dict]:
+    """The detect flow on an embedded LocalCluster of 1 and of 2 worker processes, one thread each:
+    tiles per second of the predict phase, per core."""
+    pair, checkpoint = scene(size)
+    rounds = []
+    for r in range(repeats):
+        path = RESULTS / f"workers-{size}-r{r}.json"
+        if not path.exists():
+            row = {}
+            for workers in (1, 2) if r % 2 == 0 else (2, 1):
+                out = WORK / "speed_out" / f"flow_{size}_{workers}"
+                measure([sys.executable, "flows/detect.py", "run", "--t1", str(pair.t1), "--t2", str(pair.t2), "--model", str(checkpoint),
+                         "--out", str(out), "--overwrite", "--workers", str(workers), "--threads", "1", "--tile", str(TILE),
+                         "--overlap", str(OVERLAP), "--batch-size", str(BATCH)], {"PREFECT_LOGGING_LEVEL": "WARNING"})  # fmt: skip
+                summary = json.loads((out / "run.json").read_text())
+                row[str(workers)] = {"predict_s": summary["timings"]["predict_total_s"], "tiles": summary["counts"]["tiles"]}
+            path.write_text(json.dumps(row))
+        rounds.append(json.loads(path.read_text()))
+    speedups = [r["1"]["predict_s"] / r["2"]["predict_s"] for r in rounds]
+    one = statistics.median(r["1"]["tiles"] / r["1"]["predict_s"] for r in rounds)
+    two = statistics.median(r["2"]["tiles"] / r["2"]["predict_s"] for r in rounds)
+    print(f"\nDask flow, {size}², predict phase: 1 worker x 1 thread {one:.2f} tiles/s; 2 workers x 1 thread {two:.2f} tiles/s "
+          f"({two / 2:.2f} per core); 2 / 1 = {statistics.median(speedups):.2f} ({min(speedups):.2f}-{max(speedups):.2f})")  # fmt: skip
+    return [{"size": size, "speedup_2_over_1": statistics.median(speedups), "min": min(speedups), "max": max(speedups),
+             "tiles_per_s_1": one, "tiles_per_s_2": two}]  # fmt: skip
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--sizes", type=int, nargs="*", default=[4096, 8192])
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--city", help="an OSCD city folder (imgs_1/, imgs_2/): the ~1 Mpx row, with the bundled oscd-s2")
+    parser.add_argument("--rss-sizes", type=int, nargs="*", default=[2048, 8192, 16384])
+    parser.add_argument("--workers-size", type=int, default=4096, help="scene of the Dask scaling row (0: skip)")
+    parser.add_argument("--torchgeo-python", default=sys.executable, help="the Python of an environment with changedet and "
+                        "torchgeo, for the reference (default: this one)")
+    parser.add_argument("--raw", action="store_true", help=argparse.SUPPRESS)  # child: the raw forward
+    parser.add_argument("--t1", help=argparse.SUPPRESS)
+    parser.add_argument("--t2", help=argparse.SUPPRESS)
+    parser.add_argument("--model", help=argparse.SUPPRESS)
+    parser.add_argument("--runtime", help=argparse.SUPPRESS)
+    parser.add_argument("--tile", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--overlap", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--batch", type=int, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.raw:
+        given = {"tile": args.tile, "overlap": args.overlap, "batch_size": args.batch}
+        print(json.dumps(raw_forward(args.t1, args.t2, args.model, args.runtime, {k: v for k, v in given.items() if v is not None})))
+        return
+
+    TORCHGEO_PYTHON[0] = args.torchgeo_python
+    ratios = []
+    for size in args.sizes:
+        pair, checkpoint = scene(size)
+        ratios += ratio_table(f"synthetic-{size}", paired(f"synthetic-{size}", commands(pair.t1, pair.t2, str(checkpoint), f"s{size}", size), args.repeats))
+    if args.city:
+        city = Path(args.city)
+        cmds = commands(city / "imgs_1", city / "imgs_2", "oscd-s2", city.name, None)
+        ratios += ratio_table(f"city-{city.name}", paired(f"city-{city.name}", cmds, args.repeats))
+    rss = rss_rows(args.rss_sizes)
+    workers = worker_rows(args.workers_size, args.repeats) if args.workers_size else []
+    summary = {"ratios": ratios, "rss": rss, "workers": workers, "cpu_count": os.cpu_count()}
+    (REPO / "benchmarks" / "results" / "speed.json").write_text(json.dumps(summary, indent=1))
+
+
+if __name__ == "__main__":
+    main()
