@@ -18,6 +18,7 @@ step by step:
 
 from __future__ import annotations
 
+import functools
 import shutil
 import threading
 import time
@@ -47,7 +48,6 @@ TILE_STORE_DIR = ".changedet-tiles"
 
 
 _WORKER = threading.local()
-_READ_POOL: list[ThreadPoolExecutor] = []  # the process's one read-ahead thread, started on first use
 
 
 def _worker_state(plan: RunPlan, store_root: str | Path) -> tuple[SceneRunner, TileStore]:
@@ -85,12 +85,16 @@ def read_tiles(plan: RunPlan, batch: int) -> tuple[TileBatch, float]:
     return raw, time.perf_counter() - start
 
 
+@functools.cache
+def _read_pool() -> ThreadPoolExecutor:
+    """The process's one read-ahead thread, started on first use."""
+    return ThreadPoolExecutor(1, thread_name_prefix="changedet-read-ahead")
+
+
 def read_ahead(plan: RunPlan, batches: Sequence[int]) -> Iterator[tuple[int, tuple[TileBatch, float]]]:
     """``(batch, read_tiles(plan, batch))`` in order, each batch read in a background thread while the
     caller predicts the one before (reading, resampling and masking release the GIL in GDAL and numpy)."""
-    if not _READ_POOL:
-        _READ_POOL.append(ThreadPoolExecutor(1, thread_name_prefix="changedet-read-ahead"))
-    pool = _READ_POOL[0]
+    pool = _read_pool()
     pending: Future | None = None
     for k, batch in enumerate(batches):
         raw = (pending or pool.submit(read_tiles, plan, batch)).result()
