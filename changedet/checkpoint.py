@@ -9,21 +9,24 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
 
 from changedet.normalization import PER_SCENE
 from changedet.errors import ModelError
 from changedet.io.writers import writing
+
+if TYPE_CHECKING:  # torch is imported by the functions that move tensors: reading metadata needs none
+    import torch
 
 METADATA_KEY = "changedet"
 
 
 def save_checkpoint(path: str | Path, model: torch.nn.Module, metadata: dict[str, Any]) -> None:
     """Write ``model``'s state dict and ``metadata`` (must include ``model`` and ``config``)."""
+    from safetensors.torch import save_file
+
     if "model" not in metadata or "config" not in metadata:
         raise ValueError("checkpoint metadata needs 'model' (registry name) and 'config' (builder kwargs)")
     state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
@@ -118,6 +121,9 @@ def read_metadata(path: str | Path) -> dict[str, Any]:
 
 def load_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     """Tensors of a checkpoint (safetensors, or a ``.pt`` state dict loaded with ``weights_only=True``)."""
+    import torch
+    from safetensors.torch import load_file
+
     path = Path(path)
     try:
         if path.suffix in (".pt", ".pth"):

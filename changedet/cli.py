@@ -211,8 +211,9 @@ def _run_stage(args: argparse.Namespace) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """The ``changedet`` argument parser."""
+def build_parser(stages: bool = True) -> argparse.ArgumentParser:
+    """The ``changedet`` argument parser (without the evaluation stages' commands when ``stages`` is
+    False: their registry imports the evaluation package, and torch, which a detect may not need)."""
     parser = ErrorLineParser(prog="changedet", description="Change detection for two co-located rasters. "
                              "--debug (anywhere on the command line) prints the traceback of a failure.")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=ErrorLineParser)
@@ -221,7 +222,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_evaluate(sub)
     _add_train(sub)
     _add_stac_search(sub)
-    _add_stages(sub)
+    if stages:
+        _add_stages(sub)
     sub.add_parser("models", help="list registered models")
     return parser
 
@@ -234,7 +236,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                "stac-search": _run_stac_search, "monitor": _run_monitor}
 
     def work(args: list[str]) -> int:
-        parsed = build_parser().parse_args(args)
+        command = next((a for a in args if not a.startswith("-")), None)
+        parsed = build_parser(stages=command not in runners).parse_args(args)
         return runners.get(parsed.command, _run_stage)(parsed)  # the others are evaluation stages
 
     return command_main(argv, work)

@@ -16,13 +16,15 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
 from rasterio.windows import Window
 
 from changedet.errors import InputError
+
+if TYPE_CHECKING:  # only the tensor form needs torch; detect through ONNX Runtime never imports it
+    import torch
 
 MIN_STD = 1e-6
 PER_SCENE = "per-scene"
@@ -190,5 +192,7 @@ class Normalization:
 
     def apply_tensor(self, x: torch.Tensor, valid: torch.Tensor, date: int) -> torch.Tensor:
         """:meth:`apply` on tensors ``x (B, C, h, w)``, ``valid (B, h, w)``; differentiable in ``x``."""
+        import torch
+
         mean, std = (torch.from_numpy(a).to(x.device) for a in self.arrays(date))
         return torch.where(valid[:, None], (x - mean) / std, 0.0)

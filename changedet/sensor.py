@@ -14,11 +14,14 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 
 from changedet.io.scene import SENTINEL2_ORDER
+
+if TYPE_CHECKING:  # the tensor methods serve attacks, which have torch loaded
+    import torch
 
 
 @dataclass(frozen=True)
@@ -39,11 +42,15 @@ class Sensor:
 
     def clip_tensor(self, new: torch.Tensor, orig: torch.Tensor) -> torch.Tensor:
         """:meth:`clip` for tensors (differentiable inside the range)."""
+        import torch
+
         return torch.minimum(torch.maximum(new, orig.clamp(max=0.0)), orig.clamp(min=self.high))
 
     def delta_bounds(self, orig: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
         """Lowest and highest perturbation of ``orig`` (raw tensor) in reflectance units: within
         ``±eps`` and keeping ``orig + scale * delta`` in the range of :meth:`clip`."""
+        import torch
+
         low = torch.clamp((orig.clamp(max=0.0) - orig) / self.scale, min=-eps)
         high = torch.clamp((orig.clamp(min=self.high) - orig) / self.scale, max=eps)
         return low, high

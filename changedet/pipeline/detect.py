@@ -27,8 +27,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
-import torch
-
 from changedet.pipeline.align import PairReader
 from changedet.errors import InputError
 from changedet.io.outdir import OutputLock, check_out_dir
@@ -43,6 +41,7 @@ from changedet.pipeline.planning import (  # noqa: F401 - planning API, re-expor
 from changedet.pipeline.inference import SceneRunner, TileBatch, read_batch
 from changedet.pipeline.predictor import TilePredictor
 from changedet.pipeline.tilestore import TileStore
+from changedet.runtime.threads import set_threads
 
 TILE_STORE_DIR = ".changedet-tiles"
 
@@ -58,7 +57,7 @@ def _worker_state(plan: RunPlan, store_root: str | Path) -> tuple[SceneRunner, T
     cached = getattr(_WORKER, "state", None)
     if cached is None or cached[0] != key or not cached[2].path.exists():
         if plan.params.threads:
-            torch.set_num_threads(plan.params.threads)
+            set_threads(plan.params.threads)
         predictor = plan.predictor
         if predictor is None:
             predictor = TilePredictor.of_params(plan.spec, (plan.pair.t1.count, plan.pair.t2.count), plan.params)

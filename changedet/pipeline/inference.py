@@ -10,7 +10,8 @@ For every batch of tiles of a :class:`~changedet.pipeline.tiling.Tiling`, :class
    radiometric shift, a harmonisation), with the tiles' labels when the scene has them;
 3. normalises both dates (:class:`~changedet.normalization.Normalization`: invalid pixels 0);
 4. runs the model in eval mode without autograd, in calls of at most :data:`CPU_PIXELS_PER_CALL`
-   pixels on the CPU;
+   pixels on the CPU: a torch :class:`~changedet.models.ChangeModel`, or an export run by ONNX
+   Runtime on numpy arrays (:class:`~changedet.runtime.ort.OnnxArrays`, without importing torch);
 5. blends the overlapping tiles (:class:`~changedet.pipeline.mosaic.StreamingMosaic`) and hands
    finished rows to a sink.
 
@@ -25,19 +26,26 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Union
 
 import numpy as np
-import torch
 from rasterio.windows import Window
 
-from changedet.models import ChangeModel
-from changedet.models.output import ChangeOutput
 from changedet.normalization import Normalization, PairRead
+from changedet.runtime.ort import OnnxArrays
 from changedet.pipeline.mosaic import StreamingMosaic
 from changedet.pipeline.smoothing import Smoothing
 from changedet.pipeline.tiling import DEFAULT_BATCH_SIZE, Tile, Tiling
 
+if TYPE_CHECKING:  # torch models bring torch; an ONNX Runtime export runs without it
+    import torch
+
+    from changedet.models import ChangeModel
+    from changedet.models.output import ChangeOutput
+
 CPU_PIXELS_PER_CALL = 1 << 17  # see SceneRunner._calls
+#: what a runner runs: a torch change model, or an export on numpy arrays
+RunnableModel = Union["ChangeModel", OnnxArrays]
 
 
 @dataclass
@@ -72,7 +80,9 @@ class SceneRunner:
     """Runs a :class:`~changedet.models.ChangeModel` over the tiles of a scene (see the module docstring).
 
     Args:
-        model: the change model (any runtime: eager torch or ONNX Runtime).
+        model: the change model: a torch :class:`~changedet.models.ChangeModel` (eager, or an ONNX
+            export behind :class:`~changedet.runtime.onnx.OnnxChangeModel`) or an
+            :class:`~changedet.runtime.ort.OnnxArrays` export run on numpy arrays.
         normalization: fixed statistics for this scene (resolve per-scene rules first with
             :meth:`Normalization.for_scene`).
         tiling: tile size, overlap and blend mode.
@@ -86,11 +96,11 @@ class SceneRunner:
 
     def __init__(
         self,
-        model: ChangeModel,
+        model: RunnableModel,
         normalization: Normalization,
         tiling: Tiling | None = None,
         batch_size: int = DEFAULT_BATCH_SIZE,
-        device: torch.device | str = "cpu",
+        device: "torch.device | str" = "cpu",
         amp: bool = False,
         transform: InputTransform | None = None,
         smoothing: Smoothing | None = None,
@@ -99,16 +109,25 @@ class SceneRunner:
         self.normalization = normalization
         self.tiling = tiling or Tiling()
         self.batch_size = int(batch_size)
-        self.device = torch.device(device)
-        self.amp = amp and self.device.type == "cuda"
+        self.device = str(device)
+        self.device_type = self.device.partition(":")[0]
+        self.amp = amp and self.device_type == "cuda"
+        if isinstance(model, OnnxArrays) and self.device_type != "cpu":
+            raise ValueError("an ONNX Runtime export runs on the CPU")
         self.transform = transform
         self.smoothing = smoothing
         self.model_seconds = 0.0
 
-    def tensors(self, batch: TileBatch) -> tuple[torch.Tensor, torch.Tensor]:
-        """Normalised model inputs of ``batch`` on the device (after the input transform)."""
+    def inputs(self, batch: TileBatch) -> tuple[np.ndarray, np.ndarray]:
+        """Normalised model inputs of ``batch`` as float32 arrays (after the input transform)."""
         x1, x2 = self.transform(self, batch) if self.transform is not None else (batch.x1, batch.x2)
-        z1, z2 = (self.normalization.apply(x, batch.valid, d) for d, x in enumerate((x1, x2)))
+        return tuple(self.normalization.apply(x, batch.valid, d) for d, x in enumerate((x1, x2)))
+
+    def tensors(self, batch: TileBatch) -> tuple["torch.Tensor", "torch.Tensor"]:
+        """Normalised model inputs of ``batch`` on the device (after the input transform)."""
+        import torch
+
+        z1, z2 = self.inputs(batch)
         return torch.from_numpy(z1).to(self.device), torch.from_numpy(z2).to(self.device)
 
     def _calls(self, tiles: int, pixels_per_tile: int) -> list[slice]:
@@ -119,15 +138,17 @@ class SceneRunner:
         page faults. Calls of ~128 k pixels stay in heap memory that
         :func:`changedet.runtime.memory.keep_freed_memory` keeps for the next call (1.7x faster for FC-Siam-diff).
         """
-        step = tiles if self.device.type != "cpu" else max(1, CPU_PIXELS_PER_CALL // pixels_per_tile)
+        step = tiles if self.device_type != "cpu" else max(1, CPU_PIXELS_PER_CALL // pixels_per_tile)
         return [slice(i, i + step) for i in range(0, tiles, step)]
 
-    def forward(self, z1: torch.Tensor, z2: torch.Tensor) -> list[ChangeOutput]:
-        """The model's outputs for normalised inputs ``(B, C, h, w)`` (eval mode, no autograd), in the calls of :meth:`_calls`."""
+    def forward(self, z1: "torch.Tensor", z2: "torch.Tensor") -> list["ChangeOutput"]:
+        """The torch model's outputs for normalised inputs ``(B, C, h, w)`` (eval mode, no autograd), in the calls of :meth:`_calls`."""
+        import torch
+
         was_training = self.model.training
         self.model.eval()
         try:
-            with torch.inference_mode(), torch.autocast(self.device.type, enabled=self.amp):
+            with torch.inference_mode(), torch.autocast(self.device_type, enabled=self.amp):
                 return [self.model(z1[part], z2[part]) for part in self._calls(z1.shape[0], z1.shape[2] * z1.shape[3])]
         finally:
             self.model.train(was_training)
@@ -153,11 +174,19 @@ class SceneRunner:
         return (votes / smoothing.samples).astype(np.float32), (diff_sum / smoothing.samples).astype(np.float32)
 
     def _probabilities(self, batch: TileBatch) -> tuple[np.ndarray, np.ndarray]:
-        z1, z2 = self.tensors(batch)
-        start = time.perf_counter()
-        outs = self.forward(z1, z2)
-        prob = torch.cat([torch.sigmoid(o.logits.float())[:, 0] for o in outs]).cpu().numpy()
-        diff = torch.cat([o.difference[:, 0].float() for o in outs]).cpu().numpy()
+        if isinstance(self.model, OnnxArrays):
+            z1, z2 = self.inputs(batch)
+            start = time.perf_counter()
+            parts = [self.model.probabilities(z1[part], z2[part]) for part in self._calls(len(z1), z1.shape[2] * z1.shape[3])]
+            prob, diff = (np.concatenate([p[k] for p in parts]) for k in (0, 1))
+        else:
+            import torch
+
+            t1, t2 = self.tensors(batch)
+            start = time.perf_counter()
+            outs = self.forward(t1, t2)
+            prob = torch.cat([torch.sigmoid(o.logits.float())[:, 0] for o in outs]).cpu().numpy()
+            diff = torch.cat([o.difference[:, 0].float() for o in outs]).cpu().numpy()
         self.model_seconds += time.perf_counter() - start
         return prob, diff
 
@@ -169,7 +198,7 @@ class SceneRunner:
 
     def normalized_batches(
         self, read: PairRead, shape: tuple[int, int], label: LabelWindow | None = None
-    ) -> Iterator[tuple[TileBatch, torch.Tensor, torch.Tensor]]:
+    ) -> Iterator[tuple[TileBatch, "torch.Tensor", "torch.Tensor"]]:
         """The tiles of each batch that hold a valid pixel, with their normalised model inputs (for
         model adaptation: tiles of nodata alone would bias the statistics towards zeros)."""
         for batch in self.batches(read, shape, label):

@@ -20,7 +20,6 @@ from typing import Any, Callable
 
 import numpy as np
 import rasterio
-import torch
 
 import changedet
 from changedet.errors import ChangeDetError, InputError
@@ -131,7 +130,8 @@ def _versions() -> dict[str, str]:
     return {
         "changedet": changedet.__version__,
         "python": platform.python_version(),
-        "torch": torch.__version__,
+        "torch": metadata.version("torch"),
+        "onnxruntime": metadata.version("onnxruntime"),
         "timm": metadata.version("timm"),
         "segmentation_models_pytorch": metadata.version("segmentation-models-pytorch"),
         "rasterio": rasterio.__version__,

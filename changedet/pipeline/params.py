@@ -17,7 +17,7 @@ from changedet.pipeline.align import RESAMPLING_CHOICES
 from changedet.pipeline.clouds import CLOUD_MASKS
 from changedet.pipeline.grid import wgs84_bbox
 from changedet.pipeline.tiling import DEFAULT_BATCH_SIZE, BLEND_MODES, DEFAULT_OVERLAP, DEFAULT_TILE, MIN_TILE, Tiling
-from changedet.runtime.onnx import RUNTIMES
+from changedet.runtime.ort import RUNTIMES
 
 DEFAULT_MODEL = "auto"
 THRESHOLD_RULES = ("fixed", "otsu")

@@ -1,5 +1,10 @@
 """From a model name or checkpoint to the model of a run: ModelSpec, the bundled-model choice, the device, and
-TilePredictor (the model built once, with its normalisation and scene fit, predicting through the scene runner)."""
+TilePredictor (the model built once, with its normalisation and scene fit, predicting through the scene runner).
+
+A CPU run of a checkpoint whose ONNX export is cached never imports torch: the spec's registry facts
+and the export come from the cache (:mod:`changedet.runtime.ort`); the first run of a checkpoint
+builds it in torch, exports it and records both.
+"""
 
 from __future__ import annotations
 
@@ -8,24 +13,27 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Sequence
 
 import numpy as np
-import torch
 
 from changedet.checkpoint import load_state_dict, read_metadata
 from changedet.harmonization import QuantileMap, harmonized_normalization
 from changedet.normalization import PER_SCENE, Normalization
-from changedet.pipeline.inference import InputTransform, SceneRunner, TileBatch
+from changedet.pipeline.inference import InputTransform, RunnableModel, SceneRunner, TileBatch
 from changedet.pipeline.smoothing import Smoothing
 from changedet.pipeline.tiling import DEFAULT_BATCH_SIZE, Tiling
 from changedet.runtime.memory import keep_freed_memory
-from changedet.runtime.onnx import EXAMPLE_SIDE, to_runtime
+from changedet.runtime.ort import (
+    EXAMPLE_SIDE, RUNTIMES, cached_export, checkpoint_facts, export_key_of_checkpoint, file_digest, record_checkpoint_facts,
+    record_export, traced_side,
+)
+from changedet.runtime.threads import sync_torch_threads
 from changedet.errors import ModelError
 from changedet.io.bands import COLOUR_ROLES
-from changedet.models import ChangeModel, create_model, model_entry
-from changedet.models.test_time import DihedralTTA
 from changedet.weights import bundled_checkpoint
 
 if TYPE_CHECKING:
     from changedet.pipeline.params import DetectParams
+
+ONNX_RUNTIMES = ("auto", "onnx", "onnx-int8")
 
 AUTO_BUNDLED = "oscd-s2"
 AUTO_RGB = "rgb"
@@ -52,6 +60,10 @@ class ModelSpec:
     name: str
     checkpoint: Path | None = None
     metadata: dict[str, Any] = field(default_factory=dict)
+    #: the registry entry's :attr:`~changedet.models.registry.ModelEntry.takes_different_inputs`
+    different_inputs: bool = False
+    #: hex digest of the checkpoint's bytes (the key of its cached export), None without a checkpoint
+    digest: str | None = None
 
     @property
     def bands(self) -> tuple[list[str], list[str]] | None:
@@ -90,7 +102,7 @@ class ModelSpec:
     def heterogeneous(self) -> bool:
         """True when the two dates may have different bands (pseudo-Siamese, or per-date checkpoint bands)."""
         bands = self.bands
-        return model_entry(self.name).takes_different_inputs or (bands is not None and bands[0] != bands[1])
+        return self.different_inputs or (bands is not None and bands[0] != bands[1])
 
     @property
     def trained(self) -> bool:
@@ -103,16 +115,29 @@ class ModelSpec:
         return {"name": self.name, "checkpoint": str(self.checkpoint) if self.checkpoint else None, **meta}
 
 
+def _registry_facts(name: str) -> dict[str, Any]:
+    """What a run needs from the registry entry of ``name`` (:class:`ModelError` for an unknown name)."""
+    from changedet.models import model_entry  # the registry imports every model family, and torch
+
+    return {"model": name, "different_inputs": model_entry(name).takes_different_inputs}
+
+
 def resolve_model(spec: str) -> ModelSpec:
-    """Interpret ``--model``: a bundled model name (``oscd-s2``), a checkpoint file, or a registry name."""
+    """Interpret ``--model``: a bundled model name (``oscd-s2``), a checkpoint file, or a registry name.
+
+    A checkpoint's registry facts are recorded in the export cache keyed by its bytes, so later runs
+    need not import the registry (and torch)."""
     bundled = bundled_checkpoint(spec)
     path = bundled or Path(spec)
     if path.suffix in (".safetensors", ".pt", ".pth") or path.exists():
         metadata = read_metadata(path)
-        model_entry(metadata["model"])
-        return ModelSpec(metadata["model"], path, metadata)
-    model_entry(spec)
-    return ModelSpec(spec)
+        digest = file_digest(path)
+        facts = checkpoint_facts(digest)
+        if facts is None or facts.get("model") != metadata["model"]:
+            facts = _registry_facts(metadata["model"])
+            record_checkpoint_facts(digest, facts)
+        return ModelSpec(metadata["model"], path, metadata, bool(facts["different_inputs"]), digest)
+    return ModelSpec(spec, different_inputs=_registry_facts(spec)["different_inputs"])
 
 
 def auto_model(band_names: Sequence[str], roles: Sequence[str | None] | None = None) -> ModelSpec:
@@ -141,17 +166,19 @@ def harmonize_t2(harmonization: QuantileMap | None) -> InputTransform | None:
     return transform
 
 
-def resolve_device(device: str) -> torch.device:
+def resolve_device(device: str) -> str:
     """``cpu``, ``cuda`` or ``cuda:N``; :class:`ModelError` for anything else or a CUDA device that is absent."""
     kind, _, index = device.partition(":")
     if kind not in ("cpu", "cuda") or (index and not index.isdigit()) or (kind == "cpu" and index):
         raise ModelError(f"unknown device {device!r}: use cpu, cuda or cuda:N")
     if kind == "cuda":
+        import torch
+
         if not torch.cuda.is_available():
             raise ModelError(f"--device {device} requested but no CUDA device is available")
         if index and int(index) >= torch.cuda.device_count():
             raise ModelError(f"--device {device}: only {torch.cuda.device_count()} CUDA device(s) present")
-    return torch.device(device)
+    return device
 
 
 class TilePredictor:
@@ -166,32 +193,20 @@ class TilePredictor:
     ) -> None:
         self.spec = spec
         self.device = resolve_device(device)
-        config = {**spec.metadata.get("config", {}), "in_channels": in_channels[0] if in_channels[0] == in_channels[1] else in_channels}
-        with torch.random.fork_rng(devices=[]):  # untrained registry models: the same weights in every process
-            torch.manual_seed(0)
-            try:
-                self.model: ChangeModel = create_model(spec.name, **config)
-            except (TypeError, ValueError) as exc:
-                raise ModelError(f"model {spec.name} cannot be built from config {spec.metadata.get('config', {})}: "
-                                 f"{str(exc).splitlines()[0]}") from None
-        if spec.checkpoint is not None:
-            state = load_state_dict(spec.checkpoint)
-            try:
-                self.model.load_state_dict(state)
-            except RuntimeError as exc:
-                raise ModelError(f"checkpoint {spec.checkpoint} does not fit model {spec.name}: {str(exc).splitlines()[0]}") from None
-        self.model.to(self.device).eval()
-        self.min_input_size = self.model.min_input_size
-        if self.device.type == "cpu":
-            keep_freed_memory()
-        if runtime not in ("torch", "auto") and self.device.type != "cpu":
+        if runtime not in RUNTIMES:
+            raise ModelError(f"unknown runtime {runtime!r}; choose one of {', '.join(RUNTIMES)}")
+        if runtime not in ("torch", "auto") and self.device != "cpu":
             raise ModelError(f"--runtime {runtime} runs on the CPU; drop --device {device}")
-        eager = self.model
-        self.model = to_runtime(eager, runtime, size=tile, device=self.device)
+        if self.device == "cpu":
+            keep_freed_memory()
+        cached = None
+        if spec.digest is not None and self.device == "cpu" and runtime in ONNX_RUNTIMES and not tta:
+            cached = cached_export(spec.digest, in_channels, tile, "onnx" if runtime == "auto" else runtime)
         #: the runtime the model runs on: ``torch``, ``onnx`` or ``onnx-int8`` (``auto`` resolved)
-        self.runtime = "torch" if self.model is eager else ("onnx" if runtime == "auto" else runtime)
-        if tta:
-            self.model = DihedralTTA(self.model)
+        self.runtime: str = "onnx" if runtime == "auto" else runtime
+        #: smallest tile side the model sees the scene on (:attr:`ChangeModel.min_input_size`)
+        self.min_input_size: int = 1 if cached is None else cached.min_input_size
+        self.model: RunnableModel = cached if cached is not None else self._build(in_channels, runtime, tta, tile)
         norm = spec.metadata.get("normalization")
         self.normalization: Normalization | None = None
         if norm is not None and not spec.per_scene_normalization:
@@ -199,6 +214,43 @@ class TilePredictor:
         self.harmonization: QuantileMap | None = None
         self._runner: SceneRunner | None = None
         self._runner_key: tuple = ()
+
+    def _build(self, in_channels: tuple[int, int], runtime: str, tta: bool, tile: int) -> RunnableModel:
+        """The model built in torch (registry builder, checkpoint weights) and moved to its runtime; a CPU
+        export of a checkpoint is recorded so that later runs load it without torch."""
+        import torch
+
+        from changedet.models import create_model
+        from changedet.models.test_time import DihedralTTA
+        from changedet.runtime.onnx import OnnxChangeModel, to_runtime
+
+        sync_torch_threads()
+        spec = self.spec
+        config = {**spec.metadata.get("config", {}), "in_channels": in_channels[0] if in_channels[0] == in_channels[1] else in_channels}
+        with torch.random.fork_rng(devices=[]):  # untrained registry models: the same weights in every process
+            torch.manual_seed(0)
+            try:
+                eager = create_model(spec.name, **config)
+            except (TypeError, ValueError) as exc:
+                raise ModelError(f"model {spec.name} cannot be built from config {spec.metadata.get('config', {})}: "
+                                 f"{str(exc).splitlines()[0]}") from None
+        if spec.checkpoint is not None:
+            state = load_state_dict(spec.checkpoint)
+            try:
+                eager.load_state_dict(state)
+            except RuntimeError as exc:
+                raise ModelError(f"checkpoint {spec.checkpoint} does not fit model {spec.name}: {str(exc).splitlines()[0]}") from None
+        eager.to(self.device).eval()
+        self.min_input_size = eager.min_input_size
+        key = None if spec.digest is None else export_key_of_checkpoint(spec.digest, tuple(eager.in_channels), traced_side(tile))
+        model = to_runtime(eager, runtime, size=tile, device=self.device, key=key)
+        self.runtime = "torch" if model is eager else ("onnx" if runtime == "auto" else runtime)
+        if isinstance(model, OnnxChangeModel):
+            if spec.digest is not None:
+                record_export(spec.digest, model.arrays, tile)
+            if not tta:  # the torch adapter is only for wrappers: the runner runs the arrays themselves
+                return model.arrays
+        return DihedralTTA(model) if tta else model
 
     @property
     def needs_samples(self) -> bool:
@@ -236,6 +288,8 @@ class TilePredictor:
         if self.normalization is None:
             self.normalization = Normalization.from_samples(x1, x2)
         if self.model.needs_scene_fit:
+            import torch
+
             norm = self.applied_normalization
             t1, t2 = (torch.from_numpy(norm.apply(x[..., None, None], np.ones((len(x), 1, 1), bool), d))[..., 0, 0]
                       for d, x in enumerate((x1, x2)))
@@ -253,6 +307,8 @@ class TilePredictor:
         self.normalization = fit.normalization
         self.harmonization = fit.harmonization
         if fit.buffers:
+            import torch
+
             missing = set(fit.buffers) - dict(self.model.named_buffers()).keys()
             if missing:
                 raise ModelError(f"scene fit holds buffers the model lacks: {sorted(missing)[:3]}")

@@ -24,11 +24,14 @@ fitted on the given inputs.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 
 from changedet.metrics import Confusion, ProbabilityHistogram
+
+if TYPE_CHECKING:  # the noise comes from torch's generator (the certified figures were drawn with it)
+    import torch
 
 #: mask value of pixels where the smoothed classifier abstains
 ABSTAIN = 2
@@ -68,10 +71,14 @@ class Smoothing:
 
     def generator(self, first_tile: int) -> torch.Generator:
         """The noise generator of the batch starting at ``first_tile``."""
+        import torch
+
         return torch.Generator().manual_seed(self.seed * 1_000_003 + first_tile)
 
     def noisy(self, x: np.ndarray, valid: np.ndarray, generator: torch.Generator) -> np.ndarray:
         """``x (B, C, h, w)`` raw plus Gaussian noise of σ on valid pixels."""
+        import torch
+
         noise = torch.randn(x.shape, generator=generator, dtype=torch.float32).numpy() * np.float32(self.sigma_raw)
         return np.where(valid[:, None], x.astype(np.float32) + noise, x).astype(np.float32)
 
