@@ -79,20 +79,13 @@ def detect_cmd(t1: Path, t2: Path, model: str, out: Path, *options: str) -> list
 def raw_forward(t1: str, t2: str, model: str, runtime: str, tiling: dict[str, int]) -> dict[str, float]:
     """Seconds in the model calls alone over every tile of the scene (child process of the ``raw-*``
     commands); ``tiling``: tile/overlap/batch_size given to detect (its defaults otherwise)."""
-    import torch
-
     from changedet.pipeline.detect import DetectParams, plan_run, read_tiles
 
     plan = plan_run(t1, t2, DetectParams(model=model, runtime=runtime, **tiling))
     runner = plan.predictor.runner(plan.params.tiling, plan.params.batch_size, plan.smoothing)
-    seconds = 0.0
     for b in range(len(plan.batches)):
-        tiles, _ = read_tiles(plan, b)
-        z1, z2 = runner.tensors(tiles)
-        start = time.perf_counter()
-        outs = runner.forward(z1, z2)
-        torch.cat([torch.sigmoid(o.logits) for o in outs])
-        seconds += time.perf_counter() - start
+        runner.probabilities(*runner.inputs(read_tiles(plan, b)[0]))
+    seconds = runner.model_seconds
     return {"forward_s": seconds, "runtime": plan.runtime, "tiles": len(plan.tiles)}
 
 

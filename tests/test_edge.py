@@ -7,7 +7,7 @@ import torch
 
 pytest.importorskip("onnxruntime")
 
-from changedet.checkpoint import save_checkpoint  # noqa: E402
+from changedet.checkpoint import load_state_dict, save_checkpoint  # noqa: E402
 from changedet.pipeline.detect import PROBABILITY, DetectParams, detect_changes  # noqa: E402
 from changedet.runtime.onnx import to_runtime  # noqa: E402
 from changedet.errors import ModelError  # noqa: E402
@@ -93,3 +93,80 @@ def test_export_cache_is_keyed_by_weights_and_safe_under_concurrent_exports(tmp_
         next(model.parameters()).add_(1.0)
     assert to_runtime(model, "onnx", tmp_path, size=64).onnx_path != exported[0].onnx_path
     assert to_runtime(model, "onnx", tmp_path, size=128).onnx_path != exported[0].onnx_path
+
+
+def test_a_cached_export_runs_without_torch_and_writes_the_same_bytes(sample_city, tmp_path):
+    """The first CPU detect of a checkpoint builds it in torch and exports it; the next loads the
+    cached export and never imports torch, timm or smp, and writes the same bytes."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from changedet.pipeline.detect import DIFFERENCE, MASK, RUN_JSON
+
+    script = ("import json, sys; from changedet.cli import main; rc = main(sys.argv[1:]); print(json.dumps({'rc': rc, "
+              "'loaded': sorted(m for m in ('torch', 'timm', 'segmentation_models_pytorch') if m in sys.modules)}))")  # fmt: skip
+    env = {**os.environ, "CHANGEDET_CACHE_DIR": str(tmp_path / "cache")}
+    runs = {}
+    for name in ("cold", "warm"):
+        args = ["detect", "--t1", str(sample_city / "imgs_1"), "--t2", str(sample_city / "imgs_2"), "--out", str(tmp_path / name), "--quiet"]
+        done = subprocess.run([sys.executable, "-c", script, *args], env=env, capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stderr
+        runs[name] = json.loads(done.stdout.strip().splitlines()[-1])
+    assert runs["cold"]["rc"] == 0 and "torch" in runs["cold"]["loaded"]
+    assert runs["warm"] == {"rc": 0, "loaded": []}
+    for name in (MASK, PROBABILITY, DIFFERENCE):
+        assert (tmp_path / "cold" / name).read_bytes() == (tmp_path / "warm" / name).read_bytes(), name
+    for name in runs:
+        assert json.loads((tmp_path / name / RUN_JSON).read_text())["model"]["runtime"] == "onnx"
+
+
+def test_the_export_of_a_checkpoint_is_found_by_its_bytes(tmp_path, monkeypatch):
+    """A checkpoint's export is found again by the checkpoint's bytes and bands (no torch build); other
+    weights, another tile side or unreadable cache files give a new export, never an error; bands the
+    checkpoint does not take are refused as before."""
+    from changedet.pipeline.predictor import TilePredictor, resolve_model
+    from changedet.runtime.ort import OnnxArrays
+
+    monkeypatch.setenv("CHANGEDET_CACHE_DIR", str(tmp_path / "cache"))
+    paths = []
+    for seed in (0, 1):
+        torch.manual_seed(seed)
+        paths.append(tmp_path / f"model{seed}.safetensors")
+        save_checkpoint(paths[-1], create_model("fc-siam-diff", in_channels=3, base_channels=4), {"model": "fc-siam-diff", "config": {"base_channels": 4}})
+    first = TilePredictor(resolve_model(str(paths[0])), (3, 3), runtime="auto", tile=64)
+    assert isinstance(first.model, OnnxArrays) and first.runtime == "onnx"
+
+    def no_build(*_args, **_kwargs):
+        raise AssertionError("the cached export should have been used")
+
+    with monkeypatch.context() as m:
+        m.setattr(TilePredictor, "_build", no_build)
+        again = TilePredictor(resolve_model(str(paths[0])), (3, 3), runtime="auto", tile=64)
+    assert again.model == first.model and again.min_input_size == first.min_input_size
+    other = TilePredictor(resolve_model(str(paths[1])), (3, 3), runtime="auto", tile=64)
+    larger = TilePredictor(resolve_model(str(paths[0])), (3, 3), runtime="auto", tile=128)
+    assert len({first.model.onnx_path, other.model.onnx_path, larger.model.onnx_path}) == 3
+    for facts in (tmp_path / "cache").rglob("*.json"):
+        facts.write_text("{not json")
+    rebuilt = TilePredictor(resolve_model(str(paths[0])), (3, 3), runtime="auto", tile=64)
+    assert rebuilt.model == first.model
+    with pytest.raises(ModelError, match="does not fit"):
+        TilePredictor(resolve_model(str(paths[0])), (4, 4), runtime="auto", tile=64)
+    z = np.random.default_rng(0).normal(size=(2, 3, 50, 70)).astype(np.float32)
+    prob, _ = first.model.probabilities(z, z[::-1].copy())
+    eager = create_model("fc-siam-diff", in_channels=3, base_channels=4)
+    eager.load_state_dict(load_state_dict(paths[0]))
+    reference = eager.predict(torch.from_numpy(z), torch.from_numpy(z[::-1].copy())).probability[:, 0].numpy()
+    np.testing.assert_allclose(prob, reference, atol=1e-5)
+
+
+def test_thread_count_without_torch():
+    """Dask workers' OMP_NUM_THREADS=1 and --threads size ONNX Runtime without torch being imported."""
+    import subprocess
+    import sys
+
+    script = ("import os, sys; os.environ['OMP_NUM_THREADS'] = '1'; from changedet.runtime.threads import num_threads, set_threads; "
+              "assert num_threads() == 1; set_threads(3); assert num_threads() == 3; assert 'torch' not in sys.modules")  # fmt: skip
+    subprocess.run([sys.executable, "-c", script], check=True, timeout=60)

@@ -174,17 +174,19 @@ class SceneRunner:
         return (votes / smoothing.samples).astype(np.float32), (diff_sum / smoothing.samples).astype(np.float32)
 
     def _probabilities(self, batch: TileBatch) -> tuple[np.ndarray, np.ndarray]:
+        return self.probabilities(*self.inputs(batch))
+
+    def probabilities(self, z1: np.ndarray, z2: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Change probability and difference ``(B, h, w)`` float32 of normalised inputs (:meth:`inputs`),
+        by the model's calls alone (their seconds add to :attr:`model_seconds`)."""
+        start = time.perf_counter()
         if isinstance(self.model, OnnxArrays):
-            z1, z2 = self.inputs(batch)
-            start = time.perf_counter()
             parts = [self.model.probabilities(z1[part], z2[part]) for part in self._calls(len(z1), z1.shape[2] * z1.shape[3])]
             prob, diff = (np.concatenate([p[k] for p in parts]) for k in (0, 1))
         else:
             import torch
 
-            t1, t2 = self.tensors(batch)
-            start = time.perf_counter()
-            outs = self.forward(t1, t2)
+            outs = self.forward(*(torch.from_numpy(z).to(self.device) for z in (z1, z2)))
             prob = torch.cat([torch.sigmoid(o.logits.float())[:, 0] for o in outs]).cpu().numpy()
             diff = torch.cat([o.difference[:, 0].float() for o in outs]).cpu().numpy()
         self.model_seconds += time.perf_counter() - start
