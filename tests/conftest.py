@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 from pathlib import Path
 
@@ -9,6 +10,10 @@ import numpy as np
 import pytest
 import rasterio
 from affine import Affine
+
+# As `make test` does: no analytics from the Prefect servers the tests start (their heartbeat can hit a
+# locked database and log a traceback into a command's stderr)
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 
 REPO = Path(__file__).resolve().parents[1]
 SAMPLE = REPO / "data" / "sample" / "oscd_bercy"
@@ -19,8 +24,6 @@ SHARED = REPO.parent / "shared" / "data"
 def onnx_export_cache(tmp_path_factory) -> Path:
     """The default runtime's ONNX exports go to a folder of this session (every process it starts
     inherits it), not to the user's ~/.cache."""
-    import os
-
     folder = tmp_path_factory.mktemp("changedet-cache")
     os.environ["CHANGEDET_CACHE_DIR"] = str(folder)
     return folder
