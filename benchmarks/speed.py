@@ -24,11 +24,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
+import shutil
 import statistics
 import subprocess
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 REPO = Path(__file__).resolve().parents[1]
 WORK = Path(__file__).parent / "_work"
@@ -37,27 +40,39 @@ TILE, OVERLAP, BATCH = 512, 32, 4
 TORCHGEO_PYTHON = [sys.executable]  # --torchgeo-python: an environment with torchgeo (not a changedet dependency)
 
 
-def scene(size: int):  # noqa: ANN201 - SyntheticPair
-    """The synthetic pair and checkpoint of ``torchgeo_reference.py`` at ``size``² (written once)."""
+def scene(size: int) -> tuple[SimpleNamespace, Path]:
+    """The synthetic pair and checkpoint of ``torchgeo_reference.py`` at ``size``² (written once, by a
+    child process: this one stays small, see :func:`measure`)."""
+    folder = WORK / f"torchgeo_{size}"
+    pair = SimpleNamespace(t1=folder / "t1.tif", t2=folder / "t2.tif", label=folder / "label.tif")
+    checkpoint = folder / "fc-siam-diff.safetensors"
+    if not (pair.label.exists() and checkpoint.exists()):
+        subprocess.run([sys.executable, __file__, "--make-scene", str(size)], check=True, cwd=REPO)
+    return pair, checkpoint
+
+
+def make_scene(size: int) -> None:
+    """Write the synthetic pair and a randomly initialised fc-siam-diff checkpoint (child of :func:`scene`)."""
     import torch
 
     from changedet.checkpoint import save_checkpoint
     from changedet.models import create_model
-    from changedet.testing.synthetic import SyntheticPair, write_synthetic_pair
+    from changedet.testing.synthetic import write_synthetic_pair
 
     folder = WORK / f"torchgeo_{size}"
-    pair = SyntheticPair(folder / "t1.tif", folder / "t2.tif", folder / "label.tif")
-    if not pair.label.exists():
-        pair = write_synthetic_pair(folder, size, size, bands=4, n_changes=100)
-    checkpoint = folder / "fc-siam-diff.safetensors"
-    if not checkpoint.exists():
-        torch.manual_seed(0)
-        save_checkpoint(checkpoint, create_model("fc-siam-diff", in_channels=4), {"model": "fc-siam-diff", "config": {}})
-    return pair, checkpoint
+    if not (folder / "label.tif").exists():
+        write_synthetic_pair(folder, size, size, bands=4, n_changes=100)
+    torch.manual_seed(0)
+    save_checkpoint(folder / "fc-siam-diff.safetensors", create_model("fc-siam-diff", in_channels=4), {"model": "fc-siam-diff", "config": {}})
 
 
 def measure(cmd: list[str], env: dict[str, str] | None = None) -> dict[str, float]:
-    """Wall seconds and peak RSS (MB) of one fresh process; its last stdout line when it is JSON."""
+    """Wall seconds and peak RSS (MB) of one fresh process; its last stdout line when it is JSON.
+
+    Linux counts the pages a child inherited from this process at fork into the child's peak RSS
+    (kept across exec), so this process never imports torch or numpy: a measured peak is refused
+    when it is not above this process's own.
+    """
     start = time.perf_counter()
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, env={**os.environ, **(env or {})}, cwd=REPO, text=True)
     out = proc.stdout.read()
@@ -66,6 +81,9 @@ def measure(cmd: list[str], env: dict[str, str] | None = None) -> dict[str, floa
     proc.returncode = os.waitstatus_to_exitcode(status)
     if proc.returncode != 0:
         raise SystemExit(f"error: {' '.join(cmd)} exited with {proc.returncode}")
+    own = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    if usage.ru_maxrss <= own:
+        raise SystemExit(f"error: peak RSS of {cmd[0]} ({usage.ru_maxrss} KB) is not above this process's ({own} KB): not measurable")
     last = out.strip().splitlines()[-1] if out.strip() else "{}"
     extra = json.loads(last) if last.startswith("{") else {}
     return {"wall_s": wall, "peak_rss_mb": usage.ru_maxrss / 1024, **extra}
@@ -188,6 +206,7 @@ def worker_rows(size: int, repeats: int) -> list[dict]:
             row = {}
             for workers in (1, 2) if r % 2 == 0 else (2, 1):
                 out = WORK / "speed_out" / f"flow_{size}_{workers}"
+                shutil.rmtree(out, ignore_errors=True)  # an up-to-date folder is skipped by the flow
                 measure([sys.executable, "flows/detect.py", "run", "--t1", str(pair.t1), "--t2", str(pair.t2), "--model", str(checkpoint),
                          "--out", str(out), "--overwrite", "--workers", str(workers), "--threads", "1", "--tile", str(TILE),
                          "--overlap", str(OVERLAP), "--batch-size", str(BATCH)], {"PREFECT_LOGGING_LEVEL": "WARNING"})  # fmt: skip
@@ -214,6 +233,7 @@ def main() -> None:
     parser.add_argument("--torchgeo-python", default=sys.executable, help="the Python of an environment with changedet and "
                         "torchgeo, for the reference (default: this one)")
     parser.add_argument("--raw", action="store_true", help=argparse.SUPPRESS)  # child: the raw forward
+    parser.add_argument("--make-scene", type=int, help=argparse.SUPPRESS)  # child: write the synthetic scene
     parser.add_argument("--t1", help=argparse.SUPPRESS)
     parser.add_argument("--t2", help=argparse.SUPPRESS)
     parser.add_argument("--model", help=argparse.SUPPRESS)
@@ -227,6 +247,9 @@ def main() -> None:
         print(json.dumps(raw_forward(args.t1, args.t2, args.model, args.runtime, {k: v for k, v in given.items() if v is not None})))
         return
 
+    if args.make_scene:
+        make_scene(args.make_scene)
+        return
     TORCHGEO_PYTHON[0] = args.torchgeo_python
     ratios = []
     for size in args.sizes:

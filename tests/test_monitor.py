@@ -3,6 +3,7 @@ changes planted at known dates, a cloud over two dates and one date too cloudy t
 
 from __future__ import annotations
 
+import csv
 import json
 import os
 import signal
@@ -133,6 +134,14 @@ def test_outputs_keep_the_grid_and_tables_agree(full_run, catalog):
     alerts = json.loads((full_run / "alerts.json").read_text())
     assert [(a["zone"], a["date"]) for a in alerts] == [("A", "2017-04-05")]
     assert (full_run / "zones_timeline.csv").read_text().count("\n") == 1 + 2 * 5  # 5 compared dates x 2 zones
+    dated = gpd.read_file(full_run / "confirmed_changes.gpkg", layer="zones_timeline")
+    with (full_run / "zones_timeline.csv").open() as f:
+        csv_rows = list(csv.DictReader(f))
+    assert [(r["date"], r["zone"]) for r in csv_rows] == list(zip(dated["date"], dated["zone"]))
+    assert np.allclose([float(r["confirmed_ha"]) for r in csv_rows], dated["confirmed_ha"])
+    assert dated.crs == source.crs
+    for label, row in zones.items():
+        assert dated[dated["zone"] == label].geometry.iloc[-1].equals(row["geometry"])
 
 
 def test_incremental_rerun_equals_one_run_byte_for_byte(full_run, catalog, zones, tmp_path):

@@ -7,7 +7,9 @@
                             compared; -9999 never compared (QGIS style beside it)
 ``confirmed_changes.gpkg``  one polygon per 4-connected region of one first-change date: ``first_date``,
                             ``pixels``, ``area_m2``, ``area_ha``, ``mean_probability`` (mean over the
-                            confirming acquisitions); with zones, a ``zones`` layer of the last date
+                            confirming acquisitions); with zones, a ``zones`` layer (each zone's last
+                            compared date) and a ``zones_timeline`` layer (each zone on every compared
+                            date: the rows of ``zones_timeline.csv`` with the zone's polygon)
 ``timeline.csv``            per acquisition: status (baseline, compared, skipped + reason), valid and
                             cloud fraction, changed ha, newly confirmed ha, confirmed ha
 ``timeline.png``            the timeline plotted
@@ -143,8 +145,8 @@ def _raster(staging: OutputStaging, name: str, grid: Grid, values: np.ndarray, d
     scratch.unlink()
 
 
-def _polygons(path: Path, grid: Grid, first: np.ndarray, probability: np.ndarray, stamp: str, zones: Any = None) -> None:
-    """The ``confirmed_changes`` layer (and the ``zones`` layer, when given) of ``path``, its GeoPackage
+def _polygons(path: Path, grid: Grid, first: np.ndarray, probability: np.ndarray, stamp: str, zones: dict[str, Any] | None = None) -> None:
+    """The ``confirmed_changes`` layer (and the zone layers, when given: name -> frame) of ``path``, its GeoPackage
     ``last_change`` set to ``stamp`` (the last acquisition's date) instead of the clock, so the same
     state writes the same bytes."""
     import geopandas as gpd
@@ -182,22 +184,29 @@ def _polygons(path: Path, grid: Grid, first: np.ndarray, probability: np.ndarray
     try:
         with writing(path):
             frame.to_file(path, layer="confirmed_changes", driver="GPKG", engine="pyogrio", geometry_type="Polygon")
-            if zones is not None:
-                zones.to_file(path, layer="zones", driver="GPKG", engine="pyogrio")
+            for layer, table in (zones or {}).items():
+                table.to_file(path, layer=layer, driver="GPKG", engine="pyogrio")
     finally:
         pyogrio.set_gdal_config_options({"OGR_CURRENT_DATE": None})
 
 
-def _zones_layer(params: MonitorParams, state: MonitorState, grid: Grid):
-    """The zones with their last compared date's row."""
+def _zone_layers(params: MonitorParams, state: MonitorState, grid: Grid) -> dict[str, Any]:
+    """``zones``: every zone with its last compared date's row; ``zones_timeline``: every (date, zone)
+    row of the state with the zone's polygon (a zone absent from a date's rows is absent there too)."""
     import geopandas as gpd
 
     from changedet.io.zones import read_zones
 
     zones = read_zones(params.zones, grid)
+    polygon = dict(zip(zones["zone"], zones.geometry))
     last = {row["zone"]: row for row in state.zones}
     rows = [last.get(label, {"date": None, "zone": label}) for label in zones["zone"]]
-    return gpd.GeoDataFrame([{k: r.get(k) for k in ZONE_COLUMNS} for r in rows], geometry=list(zones.geometry), crs=zones.crs)
+    dated = [row for row in state.zones if row["zone"] in polygon]
+
+    def frame(rows: list[dict], geometry: list) -> gpd.GeoDataFrame:
+        return gpd.GeoDataFrame([{k: r.get(k) for k in ZONE_COLUMNS} for r in rows], geometry=geometry, crs=zones.crs)
+
+    return {"zones": frame(rows, list(zones.geometry)), "zones_timeline": frame(dated, [polygon[r["zone"]] for r in dated])}
 
 
 def timeline_figure(rows: list[dict[str, Any]]):
@@ -242,7 +251,7 @@ def write_products(out_dir: Path, state: MonitorState, params: MonitorParams) ->
         _raster(staging, LAST_PROBABILITY, grid, last, "float32", FLOAT_NODATA)
         threshold = next((r["threshold"] for r in reversed(state.timeline) if r["threshold"] is not None), 0.5)
         write_probability_style(staging.path(LAST_PROBABILITY_STYLE), threshold, FLOAT_NODATA)
-        zones = _zones_layer(params, state, grid) if params.zones is not None else None
+        zones = _zone_layers(params, state, grid) if params.zones is not None else None
         stamp = f"{state.timeline[-1]['date']}T00:00:00Z"
         _polygons(staging.path(CONFIRMED), grid, first, np.nan_to_num(pixels.confirmed_probability), stamp, zones)
         write_text(staging.path(TIMELINE_CSV), _csv(state.timeline, TIMELINE_COLUMNS))
