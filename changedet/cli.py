@@ -1,4 +1,4 @@
-"""Command line: ``changedet detect``, ``monitor``, ``evaluate``, ``train``, ``stac-search``, ``robustness``, ``domain-shift``, ``models``."""
+"""Command line: ``changedet detect``, ``monitor``, ``evaluate``, ``train``, ``quantize``, ``stac-search``, ``robustness``, ``domain-shift``, ``models``."""
 
 from __future__ import annotations
 
@@ -99,6 +99,29 @@ def _run_stac_search(args: argparse.Namespace) -> int:
         print(f"{save_item(item, args.out)}\t{item.datetime.isoformat() if item.datetime else ''}\t"
               f"{'' if cloud is None else f'{float(cloud):.1f}% cloud'}")
     print(f"{len(items)} item(s) in {args.out}", file=sys.stderr)
+    return 0
+
+
+def _add_quantize(sub: argparse._SubParsersAction) -> None:
+    from changedet.pipeline.quantization import DEFAULT_CALIBRATION_TILES
+
+    p = sub.add_parser("quantize", help="write a checkpoint's int8 graph for --runtime onnx-int8, calibrated on its training scenes")
+    p.add_argument("--model", required=True, help="checkpoint (.safetensors) or bundled model name")
+    p.add_argument("--calibrate", nargs=2, action="append", required=True, metavar=("T1", "T2"),
+                   help="a calibration pair (same forms as detect's --t1/--t2), the model's training scenes; repeat for more")
+    p.add_argument("--tiles", type=int, default=DEFAULT_CALIBRATION_TILES, help="tiles per pair, spread over the scene "
+                   f"(default {DEFAULT_CALIBRATION_TILES})")
+    p.add_argument("--tile", type=int, default=None, help="calibration tile side (default: detect's --tile default)")
+    p.add_argument("--out", default=None, help="where to write the graph (default: beside the checkpoint, <stem>.int8.onnx, "
+                   "where --runtime onnx-int8 looks)")
+
+
+def _run_quantize(args: argparse.Namespace) -> int:
+    from changedet.pipeline.quantization import quantize_checkpoint
+
+    graph = quantize_checkpoint(args.model, [tuple(p) for p in args.calibrate], args.tiles, args.out, args.tile)
+    print(f"int8 graph {graph.path} ({graph.path.stat().st_size / 2**20:.1f} MiB), calibrated on {graph.calibration['tiles']} tiles "
+          f"of {len(args.calibrate)} pair(s)")
     return 0
 
 
@@ -221,6 +244,7 @@ def build_parser(stages: bool = True) -> argparse.ArgumentParser:
     _add_monitor(sub)
     _add_evaluate(sub)
     _add_train(sub)
+    _add_quantize(sub)
     _add_stac_search(sub)
     if stages:
         _add_stages(sub)
@@ -233,7 +257,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     (statuses in :mod:`changedet.failures`: 1 system, 2 bad input, 3 internal, 75 busy, 130 interrupted)."""
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s")
     runners = {"detect": _run_detect, "evaluate": _run_evaluate, "train": _run_train, "models": _run_models,
-               "stac-search": _run_stac_search, "monitor": _run_monitor}
+               "stac-search": _run_stac_search, "monitor": _run_monitor, "quantize": _run_quantize}
 
     def work(args: list[str]) -> int:
         command = next((a for a in args if not a.startswith("-")), None)

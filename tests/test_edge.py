@@ -1,4 +1,4 @@
-"""ONNX Runtime inference (float32 and int8 weights) matches the torch model through the pipeline."""
+"""ONNX Runtime float32 inference matches the torch model through the pipeline (int8: tests/test_quantize.py)."""
 
 import numpy as np
 import pytest
@@ -23,8 +23,6 @@ def test_onnx_export_matches_torch_on_odd_tile_sizes(tmp_path):
     onnx = to_runtime(model, "onnx", tmp_path).predict(t1, t2)
     assert onnx.logits.shape == reference.logits.shape
     assert torch.allclose(onnx.logits, reference.logits, atol=1e-3)
-    int8 = to_runtime(model, "onnx-int8", tmp_path).predict(t1, t2)
-    assert (int8.probability - reference.probability).abs().max() < 0.05
 
 
 def test_detect_with_onnx_runtime(tmp_path):

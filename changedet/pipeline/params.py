@@ -75,7 +75,8 @@ class DetectParams(Parameters):
     batch_size: int = Field(DEFAULT_BATCH_SIZE, ge=1, description="tiles per model call")
     device: str = Field("cpu", description="cpu, cuda or cuda:N")
     runtime: Literal[RUNTIMES] = Field("auto", description="inference engine: auto (ONNX Runtime on the CPU for models "  # type: ignore[valid-type]
-                                       "that export, else torch), torch, ONNX Runtime float32, or ONNX Runtime with int8 weights (CPU)")
+                                       "that export, else torch), torch, ONNX Runtime float32, or ONNX Runtime int8: the checkpoint's graph "
+                                       "calibrated by changedet quantize (CPU)")
     threads: int | None = Field(None, ge=1, description="intra-op threads per worker, torch's and ONNX Runtime's (default: torch's)")
     sample_tiles: int = Field(16, ge=1, description="tiles sampled to estimate scene statistics")
     seed: int = Field(0, description="seed of the scene sampling")

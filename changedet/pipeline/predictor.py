@@ -22,9 +22,10 @@ from changedet.pipeline.smoothing import Smoothing
 from changedet.pipeline.tiling import DEFAULT_BATCH_SIZE, Tiling
 from changedet.runtime.memory import keep_freed_memory
 from changedet.runtime.ort import (
-    EXAMPLE_SIDE, RUNTIMES, cached_export, checkpoint_facts, export_key_of_checkpoint, file_digest, record_checkpoint_facts,
+    EXAMPLE_SIDE, RUNTIMES, OnnxArrays, cached_export, checkpoint_facts, export_key_of_checkpoint, file_digest, record_checkpoint_facts,
     record_export, traced_side,
 )
+from changedet.runtime.quantize import calibrated_int8
 from changedet.runtime.threads import sync_torch_threads
 from changedet.errors import ModelError
 from changedet.io.bands import COLOUR_ROLES
@@ -32,8 +33,6 @@ from changedet.weights import bundled_checkpoint
 
 if TYPE_CHECKING:
     from changedet.pipeline.params import DetectParams
-
-ONNX_RUNTIMES = ("auto", "onnx", "onnx-int8")
 
 AUTO_BUNDLED = "oscd-s2"
 AUTO_RGB = "rgb"
@@ -181,6 +180,14 @@ def resolve_device(device: str) -> str:
     return device
 
 
+def _dihedral(arrays: OnnxArrays) -> RunnableModel:
+    """Test-time augmentation over the 8 flips/rotations of an ONNX Runtime graph (in torch)."""
+    from changedet.models.test_time import DihedralTTA
+    from changedet.runtime.onnx import OnnxChangeModel
+
+    return DihedralTTA(OnnxChangeModel(arrays))
+
+
 class TilePredictor:
     """The model of one run, built once per process: registry model or checkpoint weights, moved to
     its device and runtime, with the normalisation (the checkpoint's statistics, the scene's own for
@@ -200,13 +207,18 @@ class TilePredictor:
         if self.device == "cpu":
             keep_freed_memory()
         cached = None
-        if spec.digest is not None and self.device == "cpu" and runtime in ONNX_RUNTIMES and not tta:
-            cached = cached_export(spec.digest, in_channels, tile, "onnx" if runtime == "auto" else runtime)
+        if runtime == "onnx-int8":
+            cached = self._int8(in_channels)
+        elif spec.digest is not None and self.device == "cpu" and runtime in ("auto", "onnx") and not tta:
+            cached = cached_export(spec.digest, in_channels, tile)
         #: the runtime the model runs on: ``torch``, ``onnx`` or ``onnx-int8`` (``auto`` resolved)
         self.runtime: str = "onnx" if runtime == "auto" else runtime
         #: smallest tile side the model sees the scene on (:attr:`ChangeModel.min_input_size`)
         self.min_input_size: int = 1 if cached is None else cached.min_input_size
-        self.model: RunnableModel = cached if cached is not None else self._build(in_channels, runtime, tta, tile)
+        if cached is not None and tta:
+            self.model = _dihedral(cached)
+        else:
+            self.model = cached if cached is not None else self._build(in_channels, runtime, tta, tile)
         norm = spec.metadata.get("normalization")
         self.normalization: Normalization | None = None
         if norm is not None and not spec.per_scene_normalization:
@@ -214,6 +226,14 @@ class TilePredictor:
         self.harmonization: QuantileMap | None = None
         self._runner: SceneRunner | None = None
         self._runner_key: tuple = ()
+
+    def _int8(self, in_channels: tuple[int, int]) -> OnnxArrays:
+        """The checkpoint's calibrated int8 graph (``changedet quantize``), or :class:`ModelError`."""
+        spec = self.spec
+        if spec.checkpoint is None or spec.digest is None:
+            raise ModelError(f"--runtime onnx-int8 runs the int8 graph calibrated for a checkpoint; {spec.name} has no checkpoint")
+        graph = calibrated_int8(spec.checkpoint, spec.digest, in_channels, str(spec.checkpoint))
+        return OnnxArrays(graph.path, in_channels, graph.min_input_size)
 
     def _build(self, in_channels: tuple[int, int], runtime: str, tta: bool, tile: int) -> RunnableModel:
         """The model built in torch (registry builder, checkpoint weights) and moved to its runtime; a CPU

@@ -1,9 +1,9 @@
 """The export of a change model to ONNX, and the torch :class:`ChangeModel` that runs an export.
 
 ``runtime="auto"`` (the default) runs ONNX Runtime on the CPU for every model that exports, and eager
-torch on a GPU or for scene-fitted models (CVA, hetero). ``onnx`` is the exported float32 graph,
-``onnx-int8`` the same graph with dynamically quantised int8 weights (ConvInteger/MatMulInteger).
-Exports are cached (:mod:`changedet.runtime.ort`, which also runs them without torch) under a key of
+torch on a GPU or for scene-fitted models (CVA, hetero). ``onnx`` is the exported float32 graph
+(``onnx-int8``, its static int8 quantisation calibrated on training tiles, is made once per checkpoint
+by :mod:`changedet.pipeline.quantization` and run from :mod:`changedet.runtime.quantize`). Exports are cached (:mod:`changedet.runtime.ort`, which also runs them without torch) under a key of
 the checkpoint (or, for models built without one, of the weights), the traced tile side, the opset
 and the versions.
 """
@@ -54,14 +54,6 @@ def export_onnx(model: ChangeModel, path: str | Path, size: int = EXAMPLE_SIDE) 
     return Path(path)
 
 
-def quantize_int8(src: str | Path, dst: str | Path) -> Path:
-    """Dynamic int8 weight quantisation of an ONNX graph (activations stay float)."""
-    from onnxruntime.quantization import QuantType, quantize_dynamic
-
-    quantize_dynamic(str(src), str(dst), weight_type=QuantType.QInt8)
-    return Path(dst)
-
-
 class OnnxChangeModel(ChangeModel):
     """A :class:`ChangeModel` backed by an :class:`~changedet.runtime.ort.OnnxArrays` session (CPU), for
     code that composes torch models (test-time augmentation, ensembles, evaluation stages)."""
@@ -104,17 +96,20 @@ def exportable(model: ChangeModel, device: str = "cpu") -> bool:
 def to_runtime(model: ChangeModel, runtime: str, cache: str | Path | None = None, size: int = EXAMPLE_SIDE,
                device: str = "cpu", key: str | None = None) -> ChangeModel:  # fmt: skip
     """``model`` itself for ``torch`` (and for ``auto`` where :func:`exportable` is false, or where the
-    export fails); otherwise an :class:`OnnxChangeModel` of its (quantised) export, cached in ``cache``
+    export fails); otherwise an :class:`OnnxChangeModel` of its float32 export, cached in ``cache``
     (default :func:`~changedet.runtime.ort.cache_dir`) under ``key`` (default :func:`export_key`),
     traced at ``size``² (rounded up to a multiple of 32)."""
     if runtime not in RUNTIMES:
         raise ModelError(f"unknown runtime {runtime!r}; choose one of {', '.join(RUNTIMES)}")
     if runtime == "torch" or (runtime == "auto" and not exportable(model, device)):
         return model
+    if runtime == "onnx-int8":  # TilePredictor runs a checkpoint's calibrated graph; a bare model has none
+        raise ModelError("--runtime onnx-int8 runs the int8 graph calibrated for a checkpoint (changedet quantize); "
+                         f"{type(model).__name__} without a checkpoint has none")
     if model.needs_scene_fit:
         raise ModelError(f"runtime {runtime} is for trained neural models, not scene-fitted ones like cva")
     size = traced_side(size)
-    fp32 = graph_path(key or export_key(model, size), "onnx", cache)
+    fp32 = graph_path(key or export_key(model, size), cache)
     try:
         with _EXPORT_LOCK:
             publish(fp32, lambda tmp: export_onnx(model.eval(), tmp, size))
@@ -122,8 +117,4 @@ def to_runtime(model: ChangeModel, runtime: str, cache: str | Path | None = None
         if runtime == "auto":
             return model
         raise ModelError(f"--runtime {runtime}: {type(model).__name__} does not export to ONNX: {str(exc).splitlines()[0]}") from None
-    path = fp32
-    if runtime == "onnx-int8":
-        with _EXPORT_LOCK:
-            path = publish(graph_path(fp32.stem, "onnx-int8", cache), lambda tmp: quantize_int8(fp32, tmp))
-    return OnnxChangeModel(OnnxArrays(path, tuple(model.in_channels), model.min_input_size))
+    return OnnxChangeModel(OnnxArrays(fp32, tuple(model.in_channels), model.min_input_size))

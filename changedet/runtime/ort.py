@@ -7,7 +7,7 @@ first run of a checkpoint builds the model in torch and exports it (:mod:`change
 
 Cache layout under :func:`cache_dir`::
 
-    onnx/<key>.onnx      the float32 graph (``<key>-int8.onnx``: int8 weights)
+    onnx/<key>.onnx      the float32 graph
     onnx/<key>.json      what the pipeline needs to know about the model without building it
     models/<digest>.json the registry facts of a checkpoint (its model's name, whether its dates may differ)
 
@@ -113,14 +113,23 @@ def traced_side(size: int) -> int:
     return max(PAD_MULTIPLE, -(-int(size) // PAD_MULTIPLE) * PAD_MULTIPLE)
 
 
-def graph_path(key: str, runtime: str, cache: str | Path | None = None) -> Path:
-    """Where the graph of ``key`` for ``runtime`` (``onnx`` or ``onnx-int8``) lives."""
-    return Path(cache or cache_dir()) / "onnx" / (f"{key}-int8.onnx" if runtime == "onnx-int8" else f"{key}.onnx")
+def graph_path(key: str, cache: str | Path | None = None) -> Path:
+    """Where the float32 graph of ``key`` lives (int8 graphs live beside their checkpoint: :mod:`changedet.runtime.quantize`)."""
+    return Path(cache or cache_dir()) / "onnx" / f"{key}.onnx"
 
 
 def facts_path(key: str, cache: str | Path | None = None) -> Path:
     """Where what the pipeline needs about the exported model of ``key`` is kept."""
     return Path(cache or cache_dir()) / "onnx" / f"{key}.json"
+
+
+def model_feed(z1: np.ndarray, z2: np.ndarray) -> dict[str, np.ndarray]:
+    """The graph's inputs of normalised ``(B, C, h, w)`` tiles: float32, padded to multiples of
+    :data:`PAD_MULTIPLE` by edge replication (outputs are cropped back by the caller)."""
+    h, w = z1.shape[-2:]
+    pad = ((0, 0), (0, 0), (0, -h % PAD_MULTIPLE), (0, -w % PAD_MULTIPLE))
+    a, b = (np.pad(x, pad, mode="edge") if h % PAD_MULTIPLE or w % PAD_MULTIPLE else x for x in (z1, z2))
+    return {"t1": np.ascontiguousarray(a, np.float32), "t2": np.ascontiguousarray(b, np.float32)}
 
 
 @dataclass(frozen=True)
@@ -144,10 +153,7 @@ class OnnxArrays:
     def run(self, z1: np.ndarray, z2: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Logits and difference ``(B, 1, h, w)`` float32 of normalised inputs ``(B, C, h, w)``."""
         h, w = z1.shape[-2:]
-        pad = ((0, 0), (0, 0), (0, -h % PAD_MULTIPLE), (0, -w % PAD_MULTIPLE))
-        a, b = (np.pad(x, pad, mode="edge") if h % PAD_MULTIPLE or w % PAD_MULTIPLE else x for x in (z1, z2))
-        feed = {"t1": np.ascontiguousarray(a, np.float32), "t2": np.ascontiguousarray(b, np.float32)}
-        logits, difference = self.session().run(None, feed)
+        logits, difference = self.session().run(None, model_feed(z1, z2))
         return logits[..., :h, :w], difference[..., :h, :w]
 
     def probabilities(self, z1: np.ndarray, z2: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -180,12 +186,11 @@ def _session(path: str, threads: int):  # noqa: ANN202 - onnxruntime.InferenceSe
     return _SESSIONS[key]
 
 
-def cached_export(digest: str, in_channels: tuple[int, int], size: int, runtime: str, cache: str | Path | None = None) -> OnnxArrays | None:
-    """The cached export of a checkpoint (bytes ``digest``) for ``in_channels`` at ``size`` and ``runtime``,
-    or None when it has not been exported yet (or its files are unreadable)."""
+def cached_export(digest: str, in_channels: tuple[int, int], size: int, cache: str | Path | None = None) -> OnnxArrays | None:
+    """The cached float32 export of a checkpoint (bytes ``digest``) for ``in_channels`` at ``size``, or None when it has not been exported yet (or its files are unreadable)."""
     key = export_key_of_checkpoint(digest, in_channels, traced_side(size))
     facts = read_json(facts_path(key, cache))
-    path = graph_path(key, runtime, cache)
+    path = graph_path(key, cache)
     if facts is None or not path.is_file() or list(facts.get("in_channels", [])) != list(in_channels):
         return None
     return OnnxArrays(path, in_channels, int(facts.get("min_input_size", 1)))
