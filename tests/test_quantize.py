@@ -69,6 +69,9 @@ def test_int8_is_refused_without_a_graph_or_with_a_graph_of_other_weights(traine
     with pytest.raises(ModelError, match="calibrated for other weights"):
         detect_changes(scene.t1, scene.t2, tmp_path / "out", DetectParams(model=str(other), runtime="onnx-int8", tile=64, overlap=16))
     assert not (tmp_path / "out").exists()
+    int8_graph_path(other).write_bytes(b"not an onnx graph" * 8)
+    with pytest.raises(ModelError, match="is not an int8 graph written by changedet quantize"):
+        detect_changes(scene.t1, scene.t2, tmp_path / "out", DetectParams(model=str(other), runtime="onnx-int8", tile=64, overlap=16))
     with pytest.raises(ModelError, match="no checkpoint"):
         detect_changes(scene.t1, scene.t2, tmp_path / "out", DetectParams(model="fc-siam-diff", runtime="onnx-int8", tile=64, overlap=16))
 

@@ -215,10 +215,11 @@ class TilePredictor:
         self.runtime: str = "onnx" if runtime == "auto" else runtime
         #: smallest tile side the model sees the scene on (:attr:`ChangeModel.min_input_size`)
         self.min_input_size: int = 1 if cached is None else cached.min_input_size
-        if cached is not None and tta:
-            self.model = _dihedral(cached)
-        else:
-            self.model = cached if cached is not None else self._build(in_channels, runtime, tta, tile)
+        self.model: RunnableModel
+        if cached is None:
+            self.model = self._build(in_channels, runtime, tta, tile)
+        else:  # a cached float32 export (never with tta) or the int8 graph
+            self.model = _dihedral(cached) if tta else cached
         norm = spec.metadata.get("normalization")
         self.normalization: Normalization | None = None
         if norm is not None and not spec.per_scene_normalization:

@@ -57,10 +57,10 @@ def cache_dir() -> Path:
     return Path(tempfile.gettempdir()) / "changedet"
 
 
-def publish(path: Path, write: Callable[[Path], Any]) -> Path:
+def publish(path: Path, write: Callable[[Path], Any], replace: bool = False) -> Path:
     """``write(tmp)`` to a name unique to this writer, then rename it to ``path`` (atomic; the last
-    writer wins with identical content). Nothing is written when ``path`` exists."""
-    if path.exists():
+    writer wins). Nothing is written when ``path`` exists, unless ``replace``."""
+    if path.exists() and not replace:
         return path
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.stem}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp{path.suffix}")
@@ -187,7 +187,8 @@ def _session(path: str, threads: int):  # noqa: ANN202 - onnxruntime.InferenceSe
 
 
 def cached_export(digest: str, in_channels: tuple[int, int], size: int, cache: str | Path | None = None) -> OnnxArrays | None:
-    """The cached float32 export of a checkpoint (bytes ``digest``) for ``in_channels`` at ``size``, or None when it has not been exported yet (or its files are unreadable)."""
+    """The cached float32 export of a checkpoint (bytes ``digest``) for ``in_channels`` at ``size``, or
+    None when it has not been exported yet (or its files are unreadable)."""
     key = export_key_of_checkpoint(digest, in_channels, traced_side(size))
     facts = read_json(facts_path(key, cache))
     path = graph_path(key, cache)

@@ -5,7 +5,8 @@
 (QLinearConv), weights int8 per output channel, activations uint8 with ranges measured (min/max) on
 normalised tiles of the scenes given for calibration, the checkpoint's training scenes. Integer
 convolutions run on AVX-512 VNNI / AVX-VNNI (x86) and dot-product (Arm) instructions; on this
-project's measuring machine they take 0.7× the float32 graph's time (``benchmarks/edge.py``).
+project's measuring machine (AVX-512 VNNI, 2 threads) the bundled model's int8 graph takes 0.90× the
+float32 graph's time on 256² tiles (``benchmarks/edge.py table``).
 
 The graph records the bytes digest of the checkpoint it was calibrated for, the bands per date, the
 model's smallest input side and the calibration (scenes, tiles): a detect refuses a graph of other
@@ -16,9 +17,7 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import tempfile
-import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Iterator
@@ -26,6 +25,7 @@ from typing import Any, Iterable, Iterator
 import numpy as np
 
 from changedet.errors import ModelError
+from changedet.runtime.ort import model_feed, publish
 
 INT8_SUFFIX = ".int8.onnx"
 _META = "changedet_int8"  # the ONNX metadata_props key of the JSON record
@@ -51,19 +51,20 @@ class Int8Graph:
 def read_int8_graph(path: str | Path) -> Int8Graph:
     """The record of the int8 graph at ``path``; :class:`ModelError` when it is not one ``changedet quantize`` wrote."""
     import onnx
+    from google.protobuf.message import DecodeError
 
     try:
         model = onnx.load(str(path), load_external_data=False)
         record = json.loads(next(p.value for p in model.metadata_props if p.key == _META))
         return Int8Graph(Path(path), str(record["checkpoint_digest"]), tuple(record["in_channels"]),
                          int(record["min_input_size"]), dict(record["calibration"]))  # fmt: skip
-    except (OSError, StopIteration, ValueError, KeyError, TypeError, onnx.onnx_cpp2py_export.checker.ValidationError) as exc:
+    except (OSError, StopIteration, ValueError, KeyError, TypeError, DecodeError) as exc:
         raise ModelError(f"{path} is not an int8 graph written by changedet quantize ({type(exc).__name__})") from None
 
 
 def calibrated_int8(checkpoint: str | Path, digest: str, in_channels: tuple[int, int], model: str) -> Int8Graph:
     """The int8 graph beside ``checkpoint`` (bytes ``digest``) for bands ``in_channels``, or
-    :class:`ModelError` saying how to make one (``model``: the ``--model`` the user gave)."""
+    :class:`ModelError` saying how to make one (``model``: what to pass as ``--model`` in that command)."""
     path = int8_graph_path(checkpoint)
     make = f"make one with: changedet quantize --model {model} --calibrate T1 T2 (training scenes of the model)"
     if not path.is_file():
@@ -81,8 +82,6 @@ class _Feeds:
     """ONNX Runtime's calibration reader over ``(z1, z2)`` normalised tile batches."""
 
     def __init__(self, batches: Iterable[tuple[np.ndarray, np.ndarray]]) -> None:
-        from changedet.runtime.ort import model_feed
-
         self._feeds: Iterator[dict[str, np.ndarray]] = (model_feed(z1, z2) for z1, z2 in batches)
         self.tiles = 0
 
@@ -127,11 +126,5 @@ def quantize_static_int8(
         model = onnx.load(str(quantized))
         entry = model.metadata_props.add()
         entry.key, entry.value = _META, json.dumps(record, sort_keys=True)
-        dst.parent.mkdir(parents=True, exist_ok=True)
-        part = dst.with_name(f".{dst.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
-        try:
-            onnx.save(model, str(part))
-            os.replace(part, dst)
-        finally:
-            part.unlink(missing_ok=True)
+        publish(dst, lambda part: onnx.save(model, str(part)), replace=True)
     return read_int8_graph(dst)
