@@ -9,7 +9,7 @@ from rasterio.enums import Resampling
 from rasterio.warp import calculate_default_transform, reproject
 from rasterio.windows import Window
 
-from changedet.pipeline.align import PairReader, align_pair
+from changedet.pipeline.align import PairReader, align_pair, read_scene_block_mean
 from changedet.pipeline.grid import Grid
 from changedet.io.scene import SENTINEL2_ORDER, open_scene
 
@@ -131,3 +131,24 @@ def test_nodata_and_nan_become_invalid(make_raster):
     pair = align_pair(open_scene(make_raster("a.tif", d1, nodata=-1)), open_scene(make_raster("b.tif", d2)))
     _, _, valid = _full(pair)
     assert not valid[0, 0] and not valid[5, 5] and valid.sum() == 30 * 30 - 2
+
+
+def test_block_means_in_strips_are_the_means_of_the_valid_fine_pixels(make_raster):
+    rng = np.random.default_rng(3)
+    data = rng.uniform(0, 100, (2, 47, 53)).astype(np.float32)
+    data[:, 5:9, 10:20] = np.nan  # invalid pixels: left out of their blocks' means
+    data[:, 42:, 48:] = np.nan  # the whole last (partial) block of the last row: invalid
+    pair = align_pair(open_scene(make_raster("a.tif", data)), open_scene(make_raster("b.tif", data)))
+    x1, _, valid = _full(pair)
+    factor = 6
+    means, ok = read_scene_block_mean(pair.t1, pair, factor, strip_pixels=400)  # several strips of whole blocks
+    coarse = pair.grid.coarsened(factor)
+    assert means.shape == (2, coarse.height, coarse.width) == (2, 8, 9) and ok.shape == coarse.shape
+    for r in range(coarse.height):
+        for c in range(coarse.width):
+            block = (slice(r * factor, (r + 1) * factor), slice(c * factor, (c + 1) * factor))
+            inside = valid[block]
+            assert ok[r, c] == inside.any()
+            if inside.any():
+                np.testing.assert_allclose(means[:, r, c], x1[:, block[0], block[1]][:, inside].mean(axis=1), rtol=1e-5)
+    assert not ok[-1, -1] and ok[0, 0]

@@ -168,3 +168,17 @@ def test_thread_count_without_torch():
     script = ("import os, sys; os.environ['OMP_NUM_THREADS'] = '1'; from changedet.runtime.threads import num_threads, set_threads; "
               "assert num_threads() == 1; set_threads(3); assert num_threads() == 3; assert 'torch' not in sys.modules")  # fmt: skip
     subprocess.run([sys.executable, "-c", script], check=True, timeout=60)
+
+
+def test_the_detect_path_leaves_end_of_run_libraries_to_the_background():
+    """Importing the CLI and the detect path loads none of the libraries a run needs only after planning
+    (scipy.special) or at its end (geopandas, scipy.ndimage, matplotlib): detect imports them in a
+    background thread while it plans and predicts, and they are all importable there."""
+    import subprocess
+    import sys
+
+    script = ("import sys, changedet.cli, changedet.pipeline.detect as d; heavy = ('geopandas', 'matplotlib', 'scipy.ndimage', "
+              "'scipy.special', 'pyproj'); assert not [m for m in heavy if m in sys.modules], [m for m in heavy if m in sys.modules]; "
+              "assert set(heavy) - {'matplotlib'} <= set(d.DEFERRED_MODULES); d.import_in_background(d.DEFERRED_MODULES).join(); "
+              "assert all(m in sys.modules for m in d.DEFERRED_MODULES + ('matplotlib',))")  # fmt: skip
+    subprocess.run([sys.executable, "-c", script], check=True, timeout=120)

@@ -9,21 +9,18 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import geopandas as gpd
 import numpy as np
-import shapely
 from affine import Affine
-from pyproj import Geod
-from rasterio.features import shapes
 from rasterio.windows import Window
-from scipy import ndimage
-from shapely.geometry import shape
 
 from changedet.pipeline.grid import Grid
 from changedet.io.scene import open_raster
 from changedet.io.writers import writing
 
 STRIP_PIXELS = 1 << 22  # pixels per strip: memory stays flat whatever the scene width
+#: what polygonising imports when it runs (not with this module: detect imports it in the background
+#: while tiles are predicted, see :func:`changedet.pipeline.detect.detect_changes`)
+POLYGON_MODULES = ("geopandas", "shapely", "pyproj", "scipy.ndimage", "rasterio.features")
 
 
 class _UnionFind:
@@ -53,6 +50,8 @@ def areas_m2(geoms: list, crs) -> list[float | None]:
     if crs is None:
         return [None] * len(geoms)
     if crs.is_geographic:
+        from pyproj import Geod
+
         geod = Geod(ellps="WGS84") if crs.to_epsg() == 4326 else Geod(**_ellipsoid(crs))
         return [abs(geod.geometry_area_perimeter(g)[0]) for g in geoms]
     factor = crs.linear_units_factor[1] if crs.linear_units_factor else 1.0
@@ -75,6 +74,12 @@ def polygonize_mask(
     and ``mean_prob`` (mean change probability from ``prob_path``).
     Returns the feature count and the total changed area in m² (0 without CRS).
     """
+    import geopandas as gpd
+    import shapely
+    from rasterio.features import shapes
+    from scipy import ndimage
+    from shapely.geometry import shape
+
     with open_raster(mask_path) as mask_ds, open_raster(prob_path) as prob_ds:
         grid = Grid.from_dataset(mask_ds)
         uf = _UnionFind()

@@ -364,3 +364,31 @@ def read_scene_on_grid(scene: Scene, pair: AlignedPair, grid: Grid, resampling: 
                 values[:, row : row + window.height, col : col + window.width] = part
                 valid[row : row + window.height, col : col + window.width] = ok
     return values, valid
+
+
+def read_scene_block_mean(scene: Scene, pair: AlignedPair, factor: int, strip_pixels: int = 4_000_000) -> tuple[np.ndarray, np.ndarray]:
+    """``scene``'s bands on ``pair.grid.coarsened(factor)``: the mean of the valid pixels of each
+    ``factor`` x ``factor`` block of ``pair.grid`` (as read for the model), and the blocks with any.
+
+    Reads the fine grid in strips of about ``strip_pixels`` pixels, so memory stays bounded whatever
+    the decimation (a single warp onto the coarse grid reads the whole source extent at once)."""
+    coarse = pair.grid.coarsened(factor)
+    view = replace(pair, t1=scene, t2=scene, clouds=None)
+    sums = np.zeros((scene.count, coarse.height, coarse.width), np.float64)
+    counts = np.zeros(coarse.shape, np.int64)
+    rows = max(1, strip_pixels // max(1, pair.grid.width * factor)) * factor  # fine rows per strip, whole blocks
+    padded_width = coarse.width * factor
+    with PairReader(view) as reader:
+        for row in range(0, pair.grid.height, rows):
+            height = min(rows, pair.grid.height - row)
+            part, ok = reader.read_date(0, Window(0, row, pair.grid.width, height))
+            blocks = -(-height // factor)
+            values = np.zeros((scene.count, blocks * factor, padded_width), np.float32)
+            valid = np.zeros((blocks * factor, padded_width), bool)
+            values[:, :height, : pair.grid.width] = np.where(ok, part, 0)
+            valid[:height, : pair.grid.width] = ok
+            top = row // factor
+            sums[:, top : top + blocks] = values.reshape(scene.count, blocks, factor, coarse.width, factor).sum(axis=(2, 4))
+            counts[top : top + blocks] = valid.reshape(blocks, factor, coarse.width, factor).sum(axis=(1, 3))
+    means = (sums / np.maximum(counts, 1)).astype(np.float32)
+    return means, counts > 0

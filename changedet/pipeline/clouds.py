@@ -29,7 +29,6 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 from rasterio.windows import Window
-from scipy import ndimage
 
 from changedet.errors import InputError
 from changedet.pipeline.grid import Grid
@@ -142,6 +141,8 @@ def project_shadow(cloud: np.ndarray, dark: np.ndarray, sun_azimuth: float, sun_
         raise InputError(f"sun elevation {sun_elevation:g} degrees: the scene is not lit; use --cloud-mask none")
     away = np.deg2rad(sun_azimuth + 180.0)
     dx, dy = np.sin(away), -np.cos(away)  # columns grow east, rows grow south
+    from scipy import ndimage  # here: scipy.ndimage only where clouds are masked
+
     low, high = (h / np.tan(np.deg2rad(sun_elevation)) / pixel_m for h in SHADOW_HEIGHTS_M)
     shadow = np.zeros_like(cloud)
     for step in np.arange(low, high + 1.0, 1.0):
@@ -152,6 +153,8 @@ def project_shadow(cloud: np.ndarray, dark: np.ndarray, sun_azimuth: float, sun_
 def _shadow(cloud: np.ndarray, values: np.ndarray, valid: np.ndarray, grid: Grid, sun: tuple[float, float] | None) -> tuple[np.ndarray, str]:
     pixel_m = grid.pixel_metres
     if sun is None:
+        from scipy import ndimage
+
         radius = SHADOW_DILATION_M / pixel_m
         return ndimage.binary_dilation(cloud, _disk(radius)) & valid, f"dilated {SHADOW_DILATION_M:g} m (no sun geometry)"
     nir = values[S2CLOUDLESS_BANDS.index("B08")]

@@ -19,6 +19,7 @@ step by step:
 from __future__ import annotations
 
 import functools
+import importlib
 import shutil
 import threading
 import time
@@ -30,6 +31,7 @@ from typing import Any, Callable, Iterator, Sequence
 from changedet.pipeline.align import PairReader
 from changedet.errors import InputError
 from changedet.io.outdir import OutputLock, check_out_dir
+from changedet.io.polygons import POLYGON_MODULES
 from changedet.io.writers import OutputStaging
 from changedet.pipeline.outputs import (  # noqa: F401 - the output table, re-exported for callers of changedet.pipeline.detect
     DIFFERENCE, FLOAT_NODATA, MASK, MASK_NODATA, OUTPUT_NAMES, POLYGONS, PROBABILITY, PROBABILITY_STYLE, MASK_STYLE,
@@ -44,6 +46,9 @@ from changedet.pipeline.tilestore import TileStore
 from changedet.runtime.threads import set_threads
 
 TILE_STORE_DIR = ".changedet-tiles"
+#: modules a run needs only after planning (sigmoid of ONNX logits) or at its end (polygons, report
+#: figures): :func:`detect_changes` imports them in a background thread while it plans and predicts
+DEFERRED_MODULES = ("scipy.special", *POLYGON_MODULES, "changedet.pipeline.run_report")
 
 
 _WORKER = threading.local()
@@ -88,6 +93,22 @@ def read_tiles(plan: RunPlan, batch: int) -> tuple[TileBatch, float]:
 def _read_pool() -> ThreadPoolExecutor:
     """The process's one read-ahead thread, started on first use."""
     return ThreadPoolExecutor(1, thread_name_prefix="changedet-read-ahead")
+
+
+def import_in_background(modules: Sequence[str]) -> threading.Thread:
+    """Import ``modules`` in a daemon thread (their first use then waits for that import at most).
+    An import that fails there is left to fail again, with its error, where the module is used."""
+
+    def run() -> None:
+        for name in modules:
+            try:
+                importlib.import_module(name)
+            except Exception:  # noqa: BLE001 - raised again by the import where the module is used
+                pass
+
+    thread = threading.Thread(target=run, name="changedet-imports", daemon=True)
+    thread.start()
+    return thread
 
 
 def read_ahead(plan: RunPlan, batches: Sequence[int]) -> Iterator[tuple[int, tuple[TileBatch, float]]]:
@@ -159,6 +180,7 @@ def detect_changes(
     names = output_names(params.smoothing_sigma is not None, params.zones is not None)
     check_out_dir(out_dir, (t1, t2), names)
     out_dir = Path(out_dir).absolute()  # every writer (GDAL, SQLite) sees the same path: no "~" expansion
+    import_in_background(DEFERRED_MODULES)
     plan = plan_run(t1, t2, params)
     with OutputLock(out_dir):
         OutputStaging.check(out_dir, names, overwrite)

@@ -1,7 +1,7 @@
 """Streaming mosaic: blend overlapping tile predictions and emit finished rows block by block.
 
 Memory is bounded by a strip of about two tile heights × the scene width, whatever the scene height:
-rows are emitted as soon as no pending tile touches them.
+rows are emitted as soon as no pending tile touches them, to the sink a few MB at a time.
 """
 
 from __future__ import annotations
@@ -60,6 +60,7 @@ def blend_weights(tile: Tile, grid_shape: tuple[int, int], overlap: int, mode: s
 
 
 RowSink = Callable[[int, np.ndarray, np.ndarray], None]
+EMIT_PIXELS = 1 << 21  # pixels per call of the sink (rows of the scene width)
 
 
 class StreamingMosaic:
@@ -132,11 +133,14 @@ class StreamingMosaic:
     def _emit(self, until: int) -> None:
         self._grow(until)
         n = until - self._row0
-        weight = self._weight[:n]
-        valid = weight > 0
-        values = np.full((self.bands, n, self.width), np.nan, np.float32)
-        np.divide(self._sum[:, :n], weight, out=values, where=valid, casting="same_kind")
-        self.sink(self._row0, values, valid)
+        step = max(1, EMIT_PIXELS // self.width)
+        for top in range(0, n, step):  # the sink's arrays (and its own temporaries) stay a few MB
+            rows = slice(top, min(top + step, n))
+            weight = self._weight[rows]
+            valid = weight > 0
+            values = np.full((self.bands, weight.shape[0], self.width), np.nan, np.float32)
+            np.divide(self._sum[:, rows], weight, out=values, where=valid, casting="same_kind")
+            self.sink(self._row0 + top, values, valid)
         rest = self._rows - n  # shift the unfinished rows to the top, clear the rest
         self._sum[:, :rest] = self._sum[:, n : self._rows]
         self._weight[:rest] = self._weight[n : self._rows]

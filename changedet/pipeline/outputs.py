@@ -38,6 +38,7 @@ from changedet.pipeline.params import DetectParams
 from changedet.pipeline.planning import RunPlan, open_tile_store
 from changedet.pipeline.postprocess import drop_small_regions, scene_threshold
 from changedet.pipeline.tilestore import TileStore
+from changedet.runtime.memory import release_freed_memory
 
 def _blend(plan: RunPlan, store: TileStore, sink: Callable[[int, np.ndarray, np.ndarray], None]) -> int:
     """Blend the stored tiles in row order into ``sink(row_off, values, valid)``; returns the tiles skipped (no valid pixel)."""
@@ -181,6 +182,7 @@ def write_outputs(
     Nothing appears in ``out_dir`` unless every output was produced; returns the ``run.json`` summary.
     """
     timings = {**plan.timings, **(timings or {})}
+    release_freed_memory()  # what the model calls' buffers left in the heap: the mosaic maps its own
     store = open_tile_store(plan, store_root)
     missing = len(plan.tiles) - len(store.done())
     if missing:

@@ -34,7 +34,7 @@ from changedet.io.report_figures import change_figure, composite, histogram_figu
 from changedet.io.scene import Scene
 from changedet.io.writers import write_text, writing
 from changedet.io.zones import ZONE_COLUMNS
-from changedet.pipeline.align import AlignedPair, read_scene_on_grid
+from changedet.pipeline.align import AlignedPair, read_scene_block_mean
 from changedet.pipeline.grid import Grid
 from changedet.pipeline.output_table import MASK_NODATA
 
@@ -62,7 +62,7 @@ def display_images(pair: AlignedPair, side: int = DISPLAY_SIDE) -> tuple[np.ndar
     reads = []
     for scene in (pair.t1, pair.t2):
         chosen = Scene(scene.source, tuple(scene.bands[i] for i in display_bands(scene)))
-        reads.append(read_scene_on_grid(chosen, pair, coarse, "average" if factor > 1 else pair.resampling))
+        reads.append(read_scene_block_mean(chosen, pair, factor))
     (v1, ok1), (v2, ok2) = reads
     if v1.shape[0] == v2.shape[0] and [b.name for b in pair.t1.bands] == [b.name for b in pair.t2.bands]:
         lo, hi = shared_stretch([v1, v2], [ok1, ok2])

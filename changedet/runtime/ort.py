@@ -30,7 +30,6 @@ from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
-from scipy.special import expit
 
 from changedet import __version__
 from changedet.runtime.threads import num_threads
@@ -158,6 +157,8 @@ class OnnxArrays:
 
     def probabilities(self, z1: np.ndarray, z2: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Change probability and difference ``(B, h, w)`` float32."""
+        from scipy.special import expit  # here: scipy is imported in the background while the run plans
+
         logits, difference = self.run(z1, z2)
         return expit(logits[:, 0]).astype(np.float32, copy=False), difference[:, 0].astype(np.float32, copy=False)
 
