@@ -20,10 +20,10 @@ def test_tiles_cover_every_pixel_with_equal_sizes(height, width, tile, overlap):
     assert cover.min() >= 1
 
 
-def _mosaic(image, valid, tile, overlap, blend, order=None):
+def _mosaic(image, valid, tile, overlap, blend, order=None, emitted=None):
     bands, height, width = image.shape
     out = np.full(image.shape, -1.0, np.float32)
-    emitted = []
+    emitted = [] if emitted is None else emitted
 
     def sink(row, values, ok):
         emitted.append((row, values.shape[1]))
@@ -39,7 +39,7 @@ def _mosaic(image, valid, tile, overlap, blend, order=None):
             mosaic.skip(t)
     assert mosaic.complete
     rows = [r for r, _ in emitted]
-    assert rows == sorted(rows) and sum(n for _, n in emitted) == height
+    assert rows == list(np.cumsum([0] + [n for _, n in emitted[:-1]])) and sum(n for _, n in emitted) == height  # no gap, no overlap
     return out
 
 
@@ -75,3 +75,17 @@ def test_bad_tiling_is_refused(tile, overlap):
 
     with pytest.raises(ChangeDetError):
         plan_tiles(100, 100, tile, overlap)
+
+
+def test_rows_reach_the_sink_in_small_pieces_with_the_same_values(monkeypatch):
+    """A finished strip goes to the sink ``EMIT_PIXELS`` at a time, with the values of whole strips."""
+    import changedet.pipeline.mosaic as mosaic_module
+
+    rng = np.random.default_rng(5)
+    image = rng.random((2, 230, 170)).astype(np.float32)
+    valid = rng.random((230, 170)) > 0.1
+    whole = _mosaic(image, valid, 64, 16, "cosine")
+    monkeypatch.setattr(mosaic_module, "EMIT_PIXELS", 7 * 170 + 3)  # 7 rows of this width per piece
+    pieces = []
+    np.testing.assert_array_equal(_mosaic(image, valid, 64, 16, "cosine", emitted=pieces), whole)
+    assert max(n for _, n in pieces) == 7 and len(pieces) >= 230 // 7
