@@ -9,11 +9,17 @@
 ``changedet quantize``, calibrated on its 8 *training* cities, then both graphs detect its 2 held-out
 cities through ``changedet detect`` (ONNX Runtime, Otsu threshold: the bundled model's rule). Pooled
 F1 over the 10 cities per seed, then mean ± std over seeds, the paired difference, and the share of
-pixels where the two masks agree. One JSON per (seed, fold) under ``benchmarks/results/edge/``.
+pixels where the two masks agree. One JSON per (seed, fold) under ``benchmarks/results/edge/``; the
+rows of the earlier min/max calibration, kept for the comparison, are under ``edge/minmax/``.
 
 ``table``: the bundled ``oscd-s2`` (3-member ensemble) in torch, ONNX Runtime float32 and int8, on 2
 threads: batches of 4 tiles of 256², rounds in rotated order, median and range of ms per tile and
-of the paired ratio to float32.
+of the paired ratio to float32. Then the edge candidates (:data:`CANDIDATES`: structured pruning,
+a narrower model from scratch, a MobileNet encoder), one model each, in ONNX Runtime float32, with
+their leave-cities-out CV F1 from ``select_oscd.py``'s table::
+
+    python benchmarks/select_oscd.py train --recipes fc8-pruned50 fc4-perscene mbv3-perscene
+    python benchmarks/select_oscd.py predict && python benchmarks/select_oscd.py report
 """
 
 from __future__ import annotations
@@ -35,6 +41,15 @@ OSCD = ROOT.parent / "shared" / "data" / "oscd"
 RESULTS = ROOT / "benchmarks" / "results" / "edge"
 RECIPE, EPOCHS = "fc8-perscene", 24
 TILE, BATCH, THREADS = 256, 4, 2
+#: the edge candidates of the table: name -> (select_oscd recipe, epochs), each a single model
+CANDIDATES = {
+    "fc-siam-diff base 8 (a member)": ("fc8-perscene", 24),
+    "pruned to 50 % + 8-epoch fine-tune": ("fc8-pruned50", 8),
+    "fc-siam-diff base 4 from scratch": ("fc4-perscene", 24),
+    "MobileNetV3 Siamese U-Net": ("mbv3-perscene", 24),
+}
+PRUNED_CANDIDATE, PRUNED_ROW = "pruned to 50 % + 8-epoch fine-tune", "onnx, pruned 50 %"
+WORK = ROOT / "benchmarks" / "_work" / "edge"
 
 
 def _pair(city: str) -> tuple[str, str]:
@@ -60,6 +75,7 @@ def cv_fold(seed: int, fold: int, cities: dict[str, int]) -> dict:
     start = time.perf_counter()
     graph = quantize_checkpoint(str(checkpoint), [_pair(c) for c in train])
     row = {"seed": seed, "fold": fold, "calibrated_on": train, "calibration_tiles": graph.calibration["tiles"],
+           "calibration_method": graph.calibration["method"],
            "quantize_s": time.perf_counter() - start, "cities": {}}  # fmt: skip
     with tempfile.TemporaryDirectory() as tmp:
         for city in (c for c, k in cities.items() if k == fold):
@@ -140,54 +156,105 @@ def _ms_per_tile(run) -> float:
     return (time.perf_counter() - start) * 1000 / BATCH
 
 
-def table(rounds: int) -> dict:
-    """Size and speed of the bundled oscd-s2 in each runtime (and the CV F1 rows when ``cv`` has run)."""
+def _rotated_rounds(runs: dict, rounds: int) -> dict[str, list[float]]:
+    """ms per tile of every run, ``rounds`` times, in rotated order (drift of the machine falls on all alike)."""
+    import torch
+
+    ms: dict[str, list[float]] = {r: [] for r in runs}
+    names = list(runs)
+    with torch.no_grad():
+        for k in range(rounds):
+            for r in names[k % len(names) :] + names[: k % len(names)]:
+                ms[r].append(_ms_per_tile(runs[r]))
+    return ms
+
+
+def _macs(model) -> float:
     import torch
     from torch.utils.flop_counter import FlopCounterMode
+
+    x = torch.zeros(1, 13, TILE, TILE)
+    with FlopCounterMode(display=False) as flops, torch.no_grad():
+        model(x, x)
+    return flops.get_total_flops() / 2
+
+
+def _cv_f1(row: str) -> str:
+    """Pooled F1 (Otsu) mean ± std over seeds of a select_oscd.json row, '-' when it has not run."""
+    path = RESULTS.parent / "select_oscd.json"
+    rows = json.loads(path.read_text())["rows"] if path.exists() else {}
+    return _fmt(rows[row]["pooled_f1"]["otsu"]) + f" ({len(rows[row]['seeds'])} seeds)" if row in rows else "-"
+
+
+def _print_rows(title: str, rows: list[dict]) -> None:
+    print(f"\n{title}")
+    print(f"{'model':>34} {'params':>8} {'GMACs/tile':>10} {'file MiB':>8} {'ms/tile median (range)':>24} {'ratio':>18} {'CV F1':>24}")
+    for row in rows:
+        ms, ratios = row["ms_per_tile"], row["ratio"]
+        print(f"{row['name']:>34} {row['params']:>8} {row['gmacs_per_tile']:>10.2f} {row['file_mib']:>8.2f} "
+              f"{statistics.median(ms):>9.1f} ({min(ms):.1f}–{max(ms):.1f}) "
+              f"{statistics.median(ratios):>8.2f} ({min(ratios):.2f}–{max(ratios):.2f}) {row['cv_f1']:>24}")
+
+
+def table(rounds: int) -> dict:
+    """Size and speed of the bundled oscd-s2 in each runtime, and of the edge candidates' fold models in
+    ONNX Runtime (with their CV F1 rows when ``cv`` / ``select_oscd.py report`` have run)."""
+    import torch
 
     from changedet.pipeline.detect import DetectParams, plan_run
     from changedet.runtime.quantize import int8_graph_path
     from changedet.runtime.threads import set_threads
+    from changedet.train.pruning import prune_checkpoint
     from changedet.weights import bundled_checkpoint
+    from select_oscd import run_dir, snapshot
 
     set_threads(THREADS)
     torch.set_num_threads(THREADS)
     sample = ROOT / "data" / "sample" / "oscd_bercy"
-    plans = {r: plan_run(sample / "imgs_1", sample / "imgs_2", DetectParams(model="oscd-s2", runtime=r)) for r in ("torch", "onnx", "onnx-int8")}
-    eager = plans["torch"].predictor.model
     rng = np.random.default_rng(0)
     z1, z2 = (rng.standard_normal((BATCH, 13, TILE, TILE)).astype(np.float32) for _ in range(2))
     t1, t2 = torch.from_numpy(z1), torch.from_numpy(z2)
-    with FlopCounterMode(display=False) as flops, torch.no_grad():
-        eager(t1[:1], t2[:1])
-    runs = {"torch": lambda: eager(t1, t2), "onnx": lambda: plans["onnx"].predictor.model.run(z1, z2),
-            "onnx-int8": lambda: plans["onnx-int8"].predictor.model.run(z1, z2)}  # fmt: skip
-    ms: dict[str, list[float]] = {r: [] for r in runs}
-    with torch.no_grad():
-        for k in range(rounds):  # rotated order: drift of the machine falls on every runtime alike
-            order = list(runs)[k % 3 :] + list(runs)[: k % 3]
-            for r in order:
-                ms[r].append(_ms_per_tile(runs[r]))
+
+    def plan(model: str, runtime: str):
+        return plan_run(sample / "imgs_1", sample / "imgs_2", DetectParams(model=model, runtime=runtime)).predictor
+
+    pruned = WORK / "oscd-s2-pruned50.safetensors"  # sizes and speed only: fine-tuning changes neither
+    pruned.parent.mkdir(parents=True, exist_ok=True)
+    prune_checkpoint("oscd-s2", pruned, 0.5)
+    plans = {r: plan("oscd-s2", r) for r in ("torch", "onnx", "onnx-int8")}
+    plans[PRUNED_ROW] = plan(str(pruned), "onnx")
+    eager, eager_pruned = plans["torch"].model, plan(str(pruned), "torch").model
+    runs = {"torch": lambda: eager(t1, t2), "onnx": lambda: plans["onnx"].model.run(z1, z2),
+            "onnx-int8": lambda: plans["onnx-int8"].model.run(z1, z2), PRUNED_ROW: lambda: plans[PRUNED_ROW].model.run(z1, z2)}  # fmt: skip
+    ms = _rotated_rounds(runs, rounds)
     checkpoint = bundled_checkpoint("oscd-s2")
-    sizes = {"torch": checkpoint.stat().st_size, "onnx": plans["onnx"].predictor.model.onnx_path.stat().st_size,
-             "onnx-int8": int8_graph_path(checkpoint).stat().st_size}  # fmt: skip
+    sizes = {"torch": checkpoint.stat().st_size, "onnx": plans["onnx"].model.onnx_path.stat().st_size,
+             "onnx-int8": int8_graph_path(checkpoint).stat().st_size, PRUNED_ROW: plans[PRUNED_ROW].model.onnx_path.stat().st_size}  # fmt: skip
     summary_path = RESULTS.parent / "edge.json"
     cv_rows = json.loads(summary_path.read_text()).get("cv") if summary_path.exists() else None
-    params = sum(p.numel() for p in eager.parameters())
-    macs = flops.get_total_flops() / 2
-    print(f"\nbundled oscd-s2 (ensemble of 3 fc-siam-diff, base 8), {THREADS} threads, batches of {BATCH}×{TILE}², {rounds} rounds")
-    print(f"{'runtime':>10} {'params':>8} {'GMACs/tile':>10} {'file MiB':>8} {'ms/tile median (range)':>24} {'ratio to onnx':>18} {'CV F1':>16}")
-    rows = []
-    for r in runs:
-        ratios = [a / b for a, b in zip(ms[r], ms["onnx"])]
-        f1 = _fmt(list(cv_rows["pooled_f1"][r].values())) if cv_rows and r in cv_rows["pooled_f1"] else "-"
-        rows.append({"runtime": r, "params": params, "gmacs_per_tile": macs / 1e9, "file_mib": sizes[r] / 2**20,
-                     "ms_per_tile": ms[r], "ratio_to_onnx": ratios})  # fmt: skip
-        print(f"{r:>10} {params:>8} {macs / 1e9:>10.2f} {sizes[r] / 2**20:>8.2f} "
-              f"{statistics.median(ms[r]):>9.1f} ({min(ms[r]):.1f}–{max(ms[r]):.1f}) "
-              f"{statistics.median(ratios):>8.2f} ({min(ratios):.2f}–{max(ratios):.2f}) {f1:>16}")
-    print("CV F1: one fold model per seed and fold (the bundled model is their recipe on all 10 cities), `edge.py cv`")
-    return {"bundled": rows}
+    cv_f1 = {r: _fmt(list(cv_rows["pooled_f1"][r].values())) if cv_rows and r in cv_rows["pooled_f1"] else "-" for r in runs}
+    cv_f1[PRUNED_ROW] = _cv_f1(f"{CANDIDATES[PRUNED_CANDIDATE][0]}/e{CANDIDATES[PRUNED_CANDIDATE][1]}/plain")
+    bundled = [{"name": r, "params": sum(p.numel() for p in m.parameters()), "gmacs_per_tile": _macs(m) / 1e9,
+                "file_mib": sizes[r] / 2**20, "ms_per_tile": ms[r], "ratio": [a / b for a, b in zip(ms[r], ms["onnx"])], "cv_f1": cv_f1[r]}
+               for r, m in ((r, eager_pruned if r == PRUNED_ROW else eager) for r in runs)]  # fmt: skip
+    _print_rows(f"bundled oscd-s2 (ensemble of 3 fc-siam-diff, base 8), {THREADS} threads, batches of {BATCH}×{TILE}², "
+                f"{rounds} rounds; ratio to onnx; CV F1: `edge.py cv`", bundled)  # fmt: skip
+    candidates = {}
+    for name, (recipe, epochs) in CANDIDATES.items():
+        path = snapshot(run_dir(recipe, 0, 0), epochs)
+        if path.is_file():
+            candidates[name] = (path, plan(str(path), "onnx"), plan(str(path), "torch").model, f"{recipe}/e{epochs}/plain")
+    cand_runs = {n: (lambda p=p: p.model.run(z1, z2)) for n, (_, p, _, _) in candidates.items()}
+    cand_ms = _rotated_rounds(cand_runs, rounds) if cand_runs else {}
+    first = next(iter(cand_ms), None)
+    rows = [{"name": n, "params": sum(p.numel() for p in model.parameters()), "gmacs_per_tile": _macs(model) / 1e9,
+             "file_mib": path.stat().st_size / 2**20, "ms_per_tile": cand_ms[n],
+             "ratio": [a / b for a, b in zip(cand_ms[n], cand_ms[first])], "cv_f1": _cv_f1(row)}
+            for n, (path, _, model, row) in candidates.items()]  # fmt: skip
+    if rows:
+        _print_rows(f"edge candidates, one model each (seed 0 fold 0 checkpoint), ONNX Runtime fp32; ratio to {first}; "
+                    "CV F1: select_oscd.py report, Otsu", rows)  # fmt: skip
+    return {"bundled": bundled, "candidates": rows}
 
 
 def main() -> None:

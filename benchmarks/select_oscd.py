@@ -1,7 +1,7 @@
 """Benchmark: honest recipe selection for the OSCD model by leave-cities-out cross-validation.
 
     python benchmarks/select_oscd.py train [--jobs 2]    # every (recipe, seed, fold) model; skips finished ones
-    python benchmarks/select_oscd.py predict             # held-out probability maps of every model, per test-time option
+    python benchmarks/select_oscd.py predict [--recipes R ...]  # held-out probability maps of every model, per test-time option
     python benchmarks/select_oscd.py report              # the tables (and benchmarks/results/select_oscd.json)
     python benchmarks/select_oscd.py final --recipe R --epochs E --seeds 0 1 2   # bundled members on all 10 cities
 
@@ -17,6 +17,8 @@ Protocol (no decision looks at the labels of the cities it is scored on):
   are never looked at); ``otsu`` — per scene, label-free, on the scene's own probability histogram.
 * Test-time options (TTA over the 8 flips/rotations, histogram matching of t2 onto t1, seed ensembles,
   small-region removal) are scored the same way, each against the plain prediction of the same models.
+* A pruned recipe (:data:`PRUNED`) starts each fold model from the same fold's model of its source recipe,
+  pruned by ``changedet prune``, and fine-tunes it on the same 8 training cities (:data:`FINE_TUNE_BUDGETS`).
 * Every figure is pooled F1 over all 10 cities (pixel counts summed), then mean ± std over seeds.
 
 Results are written per (recipe, seed, fold) under ``benchmarks/results/select_oscd/`` (small JSON of
@@ -83,7 +85,20 @@ RECIPES: dict[str, tuple[Path, dict[str, Any]]] = {
     # standardisation multiplies a perturbation there up to 40x (issue 18, benchmarks/robust_oscd.py)
     "fc8-perscene-10b": (CONFIG, merge(_PER_SCENE, {"data": {"bands": ["B02", "B03", "B04", "B05", "B06", "B07", "B08", "B8A", "B11", "B12"]}})),
     "mitb0-perscene": (CONFIG, merge(_PER_SCENE, {"model": {"name": "siam-unet-mit-b0", "config": {}}})),  # the Siamese transformer
+    # edge deployment (issue 20, item 5): a light encoder at fc8's MACs per tile (1.1 G at 256²), and structured pruning
+    "mbv3-perscene": (CONFIG, merge(_PER_SCENE, {"model": {"name": "siam-unet-mobilenetv3", "config": {"decoder_channels": [64, 32, 24, 16, 8]}}})),
+    "fc4-perscene": (CONFIG, merge(_PER_SCENE, {"model": {"name": "fc-siam-diff", "config": {"base_channels": 4, "dropout": 0.0}}})),
+    "fc8-pruned50": (CONFIG, _PER_SCENE),
 }
+#: recipe -> (recipe, epochs, share kept): its fold models are that recipe's fold models after those epochs, pruned
+#: (``changedet prune``) and fine-tuned (``init_weights``) on the same training cities for FINE_TUNE_BUDGETS epochs
+PRUNED: dict[str, tuple[str, int, float]] = {"fc8-pruned50": ("fc8-perscene", 24, 0.5)}
+FINE_TUNE_BUDGETS = (2, 4, 8)
+
+
+def budgets_of(recipe: str) -> tuple[int, ...]:
+    """The epoch budgets a recipe's models are snapshotted at."""
+    return FINE_TUNE_BUDGETS if recipe in PRUNED else BUDGETS
 
 
 @dataclass(frozen=True)
@@ -180,10 +195,27 @@ def train_one(job: tuple[str, int, int | str, dict[str, Any], tuple[int, ...]]) 
         config, extra = RECIPES[recipe]
         overrides = merge(merge(_BASE, extra), {"data": data, "epochs": epochs, "seed": seed, "output_dir": str(out)})
         overrides["model"] = extra.get("model", _BASE["model"])  # a recipe's model replaces the base's whole
+        if recipe in PRUNED:
+            overrides["init_weights"] = str(pruned_start(recipe, seed, fold))
         train_from_config(config, overrides=overrides)
         shutil.copyfile(out / "best.safetensors", snapshot(out, epochs).with_suffix(".tmp"))
         os.replace(snapshot(out, epochs).with_suffix(".tmp"), snapshot(out, epochs))
     return f"{recipe} seed {seed} fold {fold}: {(time.perf_counter() - start) / 60:.1f} min"
+
+
+def pruned_start(recipe: str, seed: int, fold: int | str) -> Path:
+    """The pruned checkpoint a PRUNED recipe's model fine-tunes (written on first use)."""
+    from changedet.train.pruning import prune_checkpoint
+
+    source, epochs, keep = PRUNED[recipe]
+    path = run_dir(recipe, seed, fold) / "pruned.safetensors"
+    if not path.is_file():
+        src = snapshot(run_dir(source, seed, fold), epochs)
+        if not src.is_file():
+            raise SystemExit(f"error: {src} missing: train recipe {source} first")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        prune_checkpoint(str(src), path, keep)
+    return path
 
 
 def train_jobs(recipes: list[str], seeds: list[int]) -> list[tuple]:
@@ -192,8 +224,8 @@ def train_jobs(recipes: list[str], seeds: list[int]) -> list[tuple]:
     for seed in seeds:
         for recipe in recipes:
             for k in range(FOLDS):
-                if not snapshot(run_dir(recipe, seed, k), BUDGETS[-1]).is_file():
-                    jobs.append((recipe, seed, k, data_overrides(recipe, k), BUDGETS))
+                if not snapshot(run_dir(recipe, seed, k), budgets_of(recipe)[-1]).is_file():
+                    jobs.append((recipe, seed, k, data_overrides(recipe, k), budgets_of(recipe)))
     return jobs
 
 
@@ -288,6 +320,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     p.add_argument("--jobs", type=int, default=2)
     p = sub.add_parser("predict")
+    p.add_argument("--recipes", nargs="+", default=list(RECIPES), choices=list(RECIPES))
     p = sub.add_parser("report")
     p = sub.add_parser("final")
     p.add_argument("--recipe", required=True, choices=list(RECIPES))
@@ -309,7 +342,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "train":
         run_jobs(train_jobs(args.recipes, args.seeds), args.jobs)
     elif args.command == "final":
-        budgets = tuple(b for b in BUDGETS if b < args.epochs) + (args.epochs,)  # snapshots on the way, as in the CV
+        budgets = tuple(b for b in budgets_of(args.recipe) if b < args.epochs) + (args.epochs,)  # snapshots on the way, as in the CV
         run_jobs([(args.recipe, s, "all", data_overrides(args.recipe, None), budgets) for s in args.seeds
                   if not snapshot(run_dir(args.recipe, s, "all"), args.epochs).is_file()], args.jobs)
     elif args.command == "bundle":
@@ -318,7 +351,7 @@ def main(argv: list[str] | None = None) -> int:
     else:
         import select_oscd_eval
 
-        (select_oscd_eval.predict if args.command == "predict" else select_oscd_eval.report)()
+        select_oscd_eval.predict(args.recipes) if args.command == "predict" else select_oscd_eval.report()
     return 0
 
 

@@ -81,10 +81,10 @@ def _decode(value: dict[str, list[int]]) -> ProbabilityHistogram:
     return ProbabilityHistogram(len(value["pos"]), np.asarray(value["pos"], np.int64), np.asarray(value["neg"], np.int64))
 
 
-def predict() -> None:
-    """Histograms (and last-budget maps) of every finished snapshot not yet predicted."""
+def predict(recipes: list[str]) -> None:
+    """Histograms (and last-budget maps) of every finished snapshot of ``recipes`` not yet predicted."""
     RESULTS.mkdir(parents=True, exist_ok=True)
-    for recipe in RECIPES:
+    for recipe in recipes:
         if not (WORK / recipe).is_dir():
             continue
         scenes, folds_ = labelled_scenes(recipe), fold_of(recipe)

@@ -1,4 +1,4 @@
-"""Command line: ``changedet detect``, ``monitor``, ``evaluate``, ``train``, ``quantize``, ``stac-search``, ``robustness``, ``domain-shift``, ``models``."""
+"""Command line: ``changedet detect``, ``monitor``, ``evaluate``, ``train``, ``quantize``, ``prune``, ``stac-search``, ``robustness``, ``domain-shift``, ``models``."""
 
 from __future__ import annotations
 
@@ -125,12 +125,30 @@ def _run_quantize(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_prune(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("prune", help="keep a share of every convolution's filters (largest L1 norm); fine-tune with train --init-weights")
+    p.add_argument("--model", required=True, help="checkpoint (.safetensors) or bundled model name")
+    p.add_argument("--keep", type=float, default=0.5, help="share of each convolution's filters kept (default 0.5)")
+    p.add_argument("--out", required=True, help="the pruned checkpoint (.safetensors)")
+
+
+def _run_prune(args: argparse.Namespace) -> int:
+    from changedet.train.pruning import prune_checkpoint
+
+    record = prune_checkpoint(args.model, args.out, args.keep)
+    print(f"pruned checkpoint {args.out}: {record['parameters_before']} -> {record['parameters_after']} parameters; "
+          f"fine-tune it: changedet train --config CONFIG --init-weights {args.out}")
+    return 0
+
+
 def _add_train(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("train", help="train a change model from a YAML config (configs/train/*.yaml)")
     p.add_argument("--config", required=True, help="training config, e.g. configs/train/oscd.yaml")
     p.add_argument("--epochs", type=int, default=None, help="override the config's epochs")
     p.add_argument("--output-dir", default=None, help="override the config's output_dir")
     p.add_argument("--no-resume", action="store_true", help="start from scratch even if a checkpoint exists")
+    p.add_argument("--init-weights", default=None, help="fine-tune this checkpoint (e.g. from changedet prune): its "
+                   "architecture replaces the config's model")
 
 
 def _run_train(args: argparse.Namespace) -> int:
@@ -143,6 +161,8 @@ def _run_train(args: argparse.Namespace) -> int:
         overrides["output_dir"] = args.output_dir
     if args.no_resume:
         overrides["resume"] = False
+    if args.init_weights is not None:
+        overrides["init_weights"] = args.init_weights
     result = train_from_config(args.config, overrides or None)
     pooled = (result.metrics or {}).get("pooled", result.metrics or {})
     print(f"best checkpoint {result.best_checkpoint} (epoch {result.best_epoch}, threshold {result.threshold:.3f})")
@@ -245,6 +265,7 @@ def build_parser(stages: bool = True) -> argparse.ArgumentParser:
     _add_evaluate(sub)
     _add_train(sub)
     _add_quantize(sub)
+    _add_prune(sub)
     _add_stac_search(sub)
     if stages:
         _add_stages(sub)
@@ -257,7 +278,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     (statuses in :mod:`changedet.failures`: 1 system, 2 bad input, 3 internal, 75 busy, 130 interrupted)."""
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s")
     runners = {"detect": _run_detect, "evaluate": _run_evaluate, "train": _run_train, "models": _run_models,
-               "stac-search": _run_stac_search, "monitor": _run_monitor, "quantize": _run_quantize}
+               "stac-search": _run_stac_search, "monitor": _run_monitor, "quantize": _run_quantize, "prune": _run_prune}
 
     def work(args: list[str]) -> int:
         command = next((a for a in args if not a.startswith("-")), None)

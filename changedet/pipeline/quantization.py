@@ -58,7 +58,7 @@ def quantize_checkpoint(
             raise InputError(f"calibration pairs give the model different bands: {first.model.in_channels} and {plan.predictor.model.in_channels}")
     dst = Path(out) if out is not None else int8_graph_path(first.spec.checkpoint)
     calibration = {"pairs": [[str(t1), str(t2)] for t1, t2 in pairs], "tiles_per_pair": tiles_per_pair, "tile": tile,
-                   "method": "static QOperator, per-channel int8 weights, uint8 activations, min/max ranges"}  # fmt: skip
+                   "method": "static QOperator, per-channel int8 weights, uint8 activations, percentile 99.99 ranges"}  # fmt: skip
     return quantize_static_int8(
         first.model.onnx_path, dst, calibration_inputs(plans, tiles_per_pair), checkpoint_digest=first.spec.digest,
         in_channels=tuple(first.model.in_channels), min_input_size=first.min_input_size, calibration=calibration,

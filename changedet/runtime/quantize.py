@@ -2,8 +2,10 @@
 
 ``--runtime onnx-int8`` runs the graph that ``changedet quantize`` writes beside a checkpoint
 (``model.safetensors`` → ``model.int8.onnx``): ONNX Runtime's static quantisation in operator form
-(QLinearConv), weights int8 per output channel, activations uint8 with ranges measured (min/max) on
-normalised tiles of the scenes given for calibration, the checkpoint's training scenes. Integer
+(QLinearConv), weights int8 per output channel, activations uint8 with ranges set at the 0.01 % tails
+(percentile 99.99) of their values on normalised tiles of the scenes given for calibration, the
+checkpoint's training scenes: min/max ranges let a few extreme activations widen every step (fold
+models' masks agreed with float32 on 97.9–99.4 % of held-out pixels; 99.7–99.8 % with percentiles). Integer
 convolutions run on AVX-512 VNNI / AVX-VNNI (x86) and dot-product (Arm) instructions; on this
 project's measuring machine (AVX-512 VNNI, 2 threads) the bundled model's int8 graph takes 0.90× the
 float32 graph's time on 256² tiles (``benchmarks/edge.py table``).
@@ -15,6 +17,8 @@ weights instead of running it.
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import logging
 import tempfile
@@ -29,6 +33,7 @@ from changedet.runtime.ort import model_feed, publish
 
 INT8_SUFFIX = ".int8.onnx"
 _META = "changedet_int8"  # the ONNX metadata_props key of the JSON record
+CALIB_PERCENTILE = 99.99  # activation ranges cover all but the 0.01 % most extreme values
 
 
 def int8_graph_path(checkpoint: str | Path) -> Path:
@@ -111,10 +116,12 @@ def quantize_static_int8(
         root, level = logging.getLogger(), logging.getLogger().level
         root.setLevel(logging.ERROR)  # the quantiser warns on the root logger for every int64 shape tensor it skips
         try:
-            quantize_static(
-                str(prepared), str(quantized), reader, quant_format=QuantFormat.QOperator, per_channel=True,
-                activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8, calibrate_method=CalibrationMethod.MinMax,
-            )  # fmt: skip
+            with contextlib.redirect_stdout(io.StringIO()):  # the percentile calibrator prints every tensor's range
+                quantize_static(
+                    str(prepared), str(quantized), reader, quant_format=QuantFormat.QOperator, per_channel=True,
+                    activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+                    calibrate_method=CalibrationMethod.Percentile, extra_options={"CalibPercentile": CALIB_PERCENTILE},
+                )  # fmt: skip
         except ValueError:
             if reader.tiles == 0:
                 raise ModelError("no calibration tile: give at least one --calibrate pair") from None

@@ -29,6 +29,7 @@ from changedet.train.checkpointing import checkpoint_metadata
 from changedet.train.config import TrainConfig, TrainSettings, load_train_config, merge_overrides
 from changedet.train.objectives import SupervisedObjective
 from changedet.train.results import TrainResult
+from changedet.train.checkpointing import load_weights
 from changedet.train.simsiam import load_encoder_weights, pretrain_simsiam
 from changedet.train.trainer import Trainer
 
@@ -100,7 +101,11 @@ def build_model(cfg: TrainConfig, in_channels: int | tuple[int, int]) -> ChangeM
 
 
 def pretrain_encoder(cfg: TrainConfig, model: ChangeModel, data: PreparedData, out_dir: Path) -> dict[str, Any] | None:
-    """Initialise the encoder: from ``init_encoder``, or by SimSiam pretraining (reused when resuming)."""
+    """Initialise the model: all of it from ``init_weights`` (a fine-tune), its encoder from
+    ``init_encoder``, or the encoder by SimSiam pretraining (reused when resuming)."""
+    if cfg.init_weights is not None:
+        keys = load_weights(model, cfg.init_weights)
+        return {"method": "init_weights", "checkpoint": str(cfg.init_weights), "tensors": len(keys)}
     if cfg.init_encoder is not None:
         keys = load_encoder_weights(model, cfg.init_encoder)
         return {"method": "init_encoder", "checkpoint": str(cfg.init_encoder), "tensors": len(keys)}

@@ -146,3 +146,24 @@ def save_last(
         save_checkpoint(out_dir / EMA, ema.module, metadata)
     _replace(out_dir / OPTIM, lambda tmp: torch.save(optim, tmp))
     _replace(out_dir / STATE, lambda tmp: write_text(tmp, json.dumps(json_safe(state), indent=2)))
+
+
+def load_weights(model: torch.nn.Module, checkpoint: str | Path, prefixes: list[str] | None = None, what: str = "model") -> list[str]:
+    """Copy the weights of ``checkpoint`` whose names start with one of ``prefixes`` (all: None) into
+    ``model``; returns their names. :class:`ModelError` when one is missing or of another shape."""
+    state = load_state_dict(checkpoint)
+    own = model.state_dict()
+    wanted = [k for k in own if prefixes is None or any(k.startswith(p) for p in prefixes)]
+    missing = [k for k in wanted if k not in state]
+    if missing:
+        raise ModelError(f"checkpoint {checkpoint} lacks {what} weights ({len(missing)} missing, e.g. {missing[0]})")
+    bad = [k for k in wanted if tuple(state[k].shape) != tuple(own[k].shape)]
+    if bad:
+        raise ModelError(
+            f"checkpoint {checkpoint} has an incompatible {what}: {bad[0]} is {tuple(state[bad[0]].shape)}, "
+            f"the model expects {tuple(own[bad[0]].shape)}"
+        )
+    with torch.no_grad():
+        for k in wanted:
+            own[k].copy_(state[k])
+    return wanted

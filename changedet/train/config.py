@@ -227,11 +227,16 @@ class TrainConfig(RunOptions):
     simsiam: SimSiamSection = Field(default_factory=SimSiamSection)
     output_dir: Path = Path("outputs/train")
     init_encoder: Path | None = Field(default=None, description="checkpoint whose encoder weights initialise the model")
+    init_weights: Path | None = Field(
+        default=None, description="checkpoint to fine-tune (e.g. a pruned one): its architecture replaces `model`, its weights initialise it"
+    )
 
     @model_validator(mode="after")
     def _consistent(self) -> "TrainConfig":
         if self.augment.swap and self.data.bands_t2 is not None and self.data.bands_t2 != self.data.bands:
             raise ValueError("augment.swap needs the same bands on both dates")
+        if self.init_weights is not None and (self.init_encoder is not None or self.simsiam.enabled):
+            raise ValueError("init_weights initialises the whole model: leave out init_encoder and simsiam")
         return self
 
 
@@ -288,6 +293,17 @@ def _resolve(path: Path, base: Path | None) -> Path:
     return path
 
 
+def _checkpoint_architecture(path: Path) -> ModelSection:
+    """The model section of the checkpoint ``init_weights`` names (:class:`ConfigError` when it is not one)."""
+    from changedet.checkpoint import read_metadata
+
+    try:
+        meta = read_metadata(path)
+    except (OSError, ValueError, ChangeDetError) as exc:
+        raise ConfigError(f"init_weights {path}: not a checkpoint changedet can read ({exc})") from None
+    return ModelSection(name=meta["model"], config=meta["config"])
+
+
 def merge_overrides(base: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
     """``base`` with nested ``overrides`` merged in (dicts merged key by key, other values replaced)."""
     out = copy.deepcopy(base)
@@ -332,4 +348,7 @@ def load_train_config(
         source.root = _resolve(source.root, base)
     if cfg.init_encoder is not None:
         cfg.init_encoder = _resolve(cfg.init_encoder, base)
+    if cfg.init_weights is not None:
+        cfg.init_weights = _resolve(cfg.init_weights, base)
+        cfg.model = _checkpoint_architecture(cfg.init_weights)
     return cfg

@@ -44,10 +44,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from changedet.checkpoint import load_state_dict, save_checkpoint
+from changedet.checkpoint import save_checkpoint
 from changedet.data.datasets import PatchDataset
 from changedet.errors import ModelError
 from changedet.models import ChangeModel
+from changedet.train.checkpointing import load_weights
 from changedet.train.config import OptimSection, SimSiamSection, TrainSettings
 from changedet.train.objectives import Batch, Objective, StepContext
 from changedet.train.trainer import Trainer
@@ -100,23 +101,7 @@ def load_encoder_weights(model: ChangeModel, checkpoint: str | Path) -> list[str
     Returns the loaded keys. Raises :class:`ModelError` when the checkpoint lacks the encoder or
     the shapes differ (another encoder or band count).
     """
-    prefixes = encoder_prefixes(model)
-    state = load_state_dict(checkpoint)
-    own = model.state_dict()
-    wanted = [k for k in own if any(k.startswith(p) for p in prefixes)]
-    missing = [k for k in wanted if k not in state]
-    if missing:
-        raise ModelError(f"checkpoint {checkpoint} lacks encoder weights ({len(missing)} missing, e.g. {missing[0]})")
-    bad = [k for k in wanted if tuple(state[k].shape) != tuple(own[k].shape)]
-    if bad:
-        raise ModelError(
-            f"checkpoint {checkpoint} has an incompatible encoder: {bad[0]} is {tuple(state[bad[0]].shape)}, "
-            f"the model expects {tuple(own[bad[0]].shape)}"
-        )
-    with torch.no_grad():
-        for k in wanted:
-            own[k].copy_(state[k])
-    return wanted
+    return load_weights(model, checkpoint, encoder_prefixes(model), "encoder")
 
 
 # --------------------------------------------------------------------------------------------
