@@ -3,6 +3,7 @@ forward of each runtime over the same tiles; peak RSS against scene size; Dask w
 
     python benchmarks/speed.py                       # every table (resumable; rows kept in benchmarks/results/speed/)
     python benchmarks/speed.py --sizes 4096 --repeats 3 --city ../shared/data/oscd/... --rss-sizes 2048 8192
+    python benchmarks/speed.py --sizes --rss-sizes --workers-size 0   # the machine rows alone
 
 Every measured command is a fresh process (start-up counts, peak RSS is its own, from ``wait4``):
 
@@ -17,6 +18,9 @@ The commands of one repeat run back to back in a rotated order; ratios are taken
 (paired) and reported as median and range. Scenes: synthetic 4-band uint16 pairs, fc-siam-diff
 (randomly initialised, saved as a checkpoint), tiles 512 px, overlap 32, batch 4, the same files as
 ``torchgeo_reference.py``. ``--city`` adds a real ~1 Mpx Sentinel-2 city with the bundled ``oscd-s2``.
+The machine rows put the targets in context: the model forward's GFLOP/s against a 2048² sgemm on the
+same threads, and the rate two single-thread processes get together against one alone (the ceiling of
+two Dask workers × one thread on this machine).
 """
 
 from __future__ import annotations
@@ -233,6 +237,92 @@ def worker_rows(size: int, repeats: int) -> list[dict]:
              "tiles_per_s_1": one, "tiles_per_s_2": two}]  # fmt: skip
 
 
+def child_rate(kind: str, seconds: float, checkpoint: str) -> dict[str, float]:
+    """This process's work rate over ``seconds`` (child of :func:`machine_rows`; threads from ``OMP_NUM_THREADS``):
+    ``sgemm``: GFLOP/s of float32 2048² matrix products (numpy's BLAS); ``forward``: tiles/s of the
+    ONNX Runtime model of ``checkpoint`` on batches of 4 random 512² tiles; ``flops``: its FLOPs per tile (torch)."""
+    import numpy as np
+
+    if kind == "flops":
+        import torch
+        from torch.utils.flop_counter import FlopCounterMode
+
+        from changedet.checkpoint import load_state_dict, read_metadata
+        from changedet.models import create_model
+
+        meta = read_metadata(checkpoint)
+        model = create_model(meta["model"], in_channels=4, **meta["config"]).eval()
+        model.load_state_dict(load_state_dict(checkpoint))
+        x = torch.zeros(1, 4, TILE, TILE)
+        with FlopCounterMode(display=False) as flops, torch.no_grad():
+            model(x, x)
+        return {"flops_per_tile": float(flops.get_total_flops())}
+    rng = np.random.default_rng(0)
+    if kind == "sgemm":
+        a, b = (rng.standard_normal((2048, 2048)).astype(np.float32) for _ in range(2))
+        step, work = (lambda: a @ b), 2 * 2048**3
+    else:
+        from changedet.pipeline.detect import DetectParams, plan_run
+
+        pair = scene(4096)[0]
+        plan = plan_run(pair.t1, pair.t2, DetectParams(model=checkpoint, runtime="onnx", tile=TILE, batch_size=BATCH,
+                                                       threads=int(os.environ["OMP_NUM_THREADS"])))  # fmt: skip
+        z1, z2 = (rng.standard_normal((BATCH, 4, TILE, TILE)).astype(np.float32) for _ in range(2))
+        step, work = (lambda: plan.predictor.model.run(z1, z2)), BATCH
+    step()
+    done, start = 0, time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        step()
+        done += 1
+    rate = done * work / (time.perf_counter() - start)
+    return {"gflops": rate / 1e9} if kind == "sgemm" else {"tiles_per_s": rate}
+
+
+def _rates(kind: str, threads: int, processes: int, seconds: float, checkpoint: str) -> list[dict]:
+    """``processes`` children measuring ``kind`` at the same time, ``threads`` threads each."""
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "OPENBLAS_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
+    cmd = [sys.executable, __file__, "--rate", kind, "--seconds", str(seconds), "--model", checkpoint]
+    procs = [subprocess.Popen(cmd, stdout=subprocess.PIPE, env=env, cwd=REPO, text=True) for _ in range(processes)]
+    outs = [p.communicate()[0] for p in procs]
+    if any(p.returncode for p in procs):
+        raise SystemExit(f"error: {' '.join(cmd)} failed")
+    return [json.loads(o.strip().splitlines()[-1]) for o in outs]
+
+
+def machine_rows(repeats: int, seconds: float = 10.0) -> dict:
+    """The machine's own limits beside the pipeline's: the model forward's GFLOP/s against a 2048² sgemm
+    on the same 2 threads, and what 2 single-thread processes at once get of one alone (sgemm and the
+    model forward), the ceiling of 2 Dask workers × 1 thread."""
+    checkpoint = str(scene(4096)[1])
+    flops = _rates("flops", 1, 1, 0, checkpoint)[0]["flops_per_tile"]
+    rounds = []
+    for r in range(repeats):
+        path = RESULTS / f"machine-r{r}.json"
+        if not path.exists():
+            row = {"sgemm_2t": _rates("sgemm", 2, 1, seconds, checkpoint)[0]["gflops"],
+                   "sgemm_1t": _rates("sgemm", 1, 1, seconds, checkpoint)[0]["gflops"],
+                   "sgemm_2x1t": sum(x["gflops"] for x in _rates("sgemm", 1, 2, seconds, checkpoint)),
+                   "forward_2t": _rates("forward", 2, 1, seconds, checkpoint)[0]["tiles_per_s"],
+                   "forward_1t": _rates("forward", 1, 1, seconds, checkpoint)[0]["tiles_per_s"],
+                   "forward_2x1t": sum(x["tiles_per_s"] for x in _rates("forward", 1, 2, seconds, checkpoint))}  # fmt: skip
+            path.write_text(json.dumps(row))
+        rounds.append(json.loads(path.read_text()))
+
+    def stat(values: list[float]) -> dict[str, float]:
+        return {"median": statistics.median(values), "min": min(values), "max": max(values)}
+
+    share = stat([r["forward_2t"] * flops / 1e9 / r["sgemm_2t"] for r in rounds])
+    out = {"flops_per_tile": flops, "sgemm_gflops_2t": stat([r["sgemm_2t"] for r in rounds]),
+           "forward_gflops_2t": stat([r["forward_2t"] * flops / 1e9 for r in rounds]), "forward_share_of_sgemm": share,
+           "sgemm_2_processes_over_1": stat([r["sgemm_2x1t"] / r["sgemm_1t"] for r in rounds]),
+           "forward_2_processes_over_1": stat([r["forward_2x1t"] / r["forward_1t"] for r in rounds])}  # fmt: skip
+    print(f"\nmachine, {repeats} rounds of {seconds:.0f} s, median (range):")
+    for key in ("sgemm_gflops_2t", "forward_gflops_2t", "forward_share_of_sgemm", "sgemm_2_processes_over_1", "forward_2_processes_over_1"):
+        v = out[key]
+        print(f"{key:>28} {v['median']:>8.2f} ({v['min']:.2f}-{v['max']:.2f})")
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sizes", type=int, nargs="*", default=[4096, 8192])
@@ -242,7 +332,11 @@ def main() -> None:
     parser.add_argument("--workers-size", type=int, default=4096, help="scene of the Dask scaling row (0: skip)")
     parser.add_argument("--torchgeo-python", default=sys.executable, help="the Python of an environment with changedet and "
                         "torchgeo, for the reference (default: this one)")
+    parser.add_argument("--machine", action=argparse.BooleanOptionalAction, default=True,
+                        help="the machine's limits: sgemm rate and 2-process scaling (default on)")
     parser.add_argument("--raw", action="store_true", help=argparse.SUPPRESS)  # child: the raw forward
+    parser.add_argument("--rate", choices=["sgemm", "forward", "flops"], help=argparse.SUPPRESS)  # child: machine_rows
+    parser.add_argument("--seconds", type=float, help=argparse.SUPPRESS)
     parser.add_argument("--make-scene", type=int, help=argparse.SUPPRESS)  # child: write the synthetic scene
     parser.add_argument("--t1", help=argparse.SUPPRESS)
     parser.add_argument("--t2", help=argparse.SUPPRESS)
@@ -260,6 +354,9 @@ def main() -> None:
     if args.make_scene:
         make_scene(args.make_scene)
         return
+    if args.rate:
+        print(json.dumps(child_rate(args.rate, args.seconds, args.model)))
+        return
     TORCHGEO_PYTHON[0] = args.torchgeo_python
     ratios = []
     for size in args.sizes:
@@ -271,7 +368,8 @@ def main() -> None:
         ratios += ratio_table(f"city-{city.name}", paired(f"city-{city.name}", cmds, args.repeats))
     rss = rss_rows(args.rss_sizes)
     workers = worker_rows(args.workers_size, args.repeats) if args.workers_size else []
-    summary = {"ratios": ratios, "rss": rss, "workers": workers, "cpu_count": os.cpu_count()}
+    machine = machine_rows(args.repeats) if args.machine else {}
+    summary = {"ratios": ratios, "rss": rss, "workers": workers, "machine": machine, "cpu_count": os.cpu_count()}
     (REPO / "benchmarks" / "results" / "speed.json").write_text(json.dumps(summary, indent=1))
 
 
