@@ -15,10 +15,10 @@ rows of the earlier min/max calibration, kept for the comparison, are under ``ed
 ``table``: the bundled ``oscd-s2`` (3-member ensemble) in torch, ONNX Runtime float32 and int8, on 2
 threads: batches of 4 tiles of 256², rounds in rotated order, median and range of ms per tile and
 of the paired ratio to float32. Then the edge candidates (:data:`CANDIDATES`: structured pruning,
-a narrower model from scratch, a MobileNet encoder), one model each, in ONNX Runtime float32, with
+a narrower model from scratch), one model each, in ONNX Runtime float32, with
 their leave-cities-out CV F1 from ``select_oscd.py``'s table::
 
-    python benchmarks/select_oscd.py train --recipes fc8-pruned50 fc4-perscene mbv3-perscene
+    python benchmarks/select_oscd.py train --recipes fc8-pruned50 fc8-pruned75 fc4-perscene
     python benchmarks/select_oscd.py predict && python benchmarks/select_oscd.py report
 """
 
@@ -45,8 +45,8 @@ TILE, BATCH, THREADS = 256, 4, 2
 CANDIDATES = {
     "fc-siam-diff base 8 (a member)": ("fc8-perscene", 24),
     "pruned to 50 % + 8-epoch fine-tune": ("fc8-pruned50", 8),
+    "pruned to 75 % + 8-epoch fine-tune": ("fc8-pruned75", 8),
     "fc-siam-diff base 4 from scratch": ("fc4-perscene", 24),
-    "MobileNetV3 Siamese U-Net": ("mbv3-perscene", 24),
 }
 PRUNED_CANDIDATE, PRUNED_ROW = "pruned to 50 % + 8-epoch fine-tune", "onnx, pruned 50 %"
 WORK = ROOT / "benchmarks" / "_work" / "edge"

@@ -85,14 +85,14 @@ RECIPES: dict[str, tuple[Path, dict[str, Any]]] = {
     # standardisation multiplies a perturbation there up to 40x (issue 18, benchmarks/robust_oscd.py)
     "fc8-perscene-10b": (CONFIG, merge(_PER_SCENE, {"data": {"bands": ["B02", "B03", "B04", "B05", "B06", "B07", "B08", "B8A", "B11", "B12"]}})),
     "mitb0-perscene": (CONFIG, merge(_PER_SCENE, {"model": {"name": "siam-unet-mit-b0", "config": {}}})),  # the Siamese transformer
-    # edge deployment (issue 20, item 5): a light encoder at fc8's MACs per tile (1.1 G at 256²), and structured pruning
-    "mbv3-perscene": (CONFIG, merge(_PER_SCENE, {"model": {"name": "siam-unet-mobilenetv3", "config": {"decoder_channels": [64, 32, 24, 16, 8]}}})),
+    # edge deployment (issue 20, item 5): structured pruning of fc8's fold models, and a narrower model from scratch
     "fc4-perscene": (CONFIG, merge(_PER_SCENE, {"model": {"name": "fc-siam-diff", "config": {"base_channels": 4, "dropout": 0.0}}})),
     "fc8-pruned50": (CONFIG, _PER_SCENE),
+    "fc8-pruned75": (CONFIG, _PER_SCENE),
 }
 #: recipe -> (recipe, epochs, share kept): its fold models are that recipe's fold models after those epochs, pruned
 #: (``changedet prune``) and fine-tuned (``init_weights``) on the same training cities for FINE_TUNE_BUDGETS epochs
-PRUNED: dict[str, tuple[str, int, float]] = {"fc8-pruned50": ("fc8-perscene", 24, 0.5)}
+PRUNED: dict[str, tuple[str, int, float]] = {"fc8-pruned50": ("fc8-perscene", 24, 0.5), "fc8-pruned75": ("fc8-perscene", 24, 0.75)}
 FINE_TUNE_BUDGETS = (2, 4, 8)
 
 

@@ -369,8 +369,11 @@ def main() -> None:
     rss = rss_rows(args.rss_sizes)
     workers = worker_rows(args.workers_size, args.repeats) if args.workers_size else []
     machine = machine_rows(args.repeats) if args.machine else {}
-    summary = {"ratios": ratios, "rss": rss, "workers": workers, "machine": machine, "cpu_count": os.cpu_count()}
-    (REPO / "benchmarks" / "results" / "speed.json").write_text(json.dumps(summary, indent=1))
+    path = REPO / "benchmarks" / "results" / "speed.json"
+    summary = json.loads(path.read_text()) if path.exists() else {}  # rows not run this time are kept
+    fresh = {"ratios": ratios, "rss": rss, "workers": workers, "machine": machine}
+    summary.update({k: v for k, v in fresh.items() if v}, cpu_count=os.cpu_count())
+    path.write_text(json.dumps(summary, indent=1))
 
 
 if __name__ == "__main__":
