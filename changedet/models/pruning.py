@@ -23,6 +23,7 @@ import torch
 from changedet.errors import ModelError
 from changedet.models.base import ChangeModel
 from changedet.models.registry import create_model, model_entry
+from changedet.models.test_time import Ensemble
 
 WIDTH = "base_channels"  # the one builder argument that sets every width of a prunable model
 
@@ -73,10 +74,6 @@ def prune_model(model: ChangeModel, name: str, config: dict[str, Any], in_channe
     """``model`` (registry ``name`` built with ``config``) with ``keep`` of every convolution's filters,
     those of largest L1 norm, as the registry model of :func:`pruned_config` (``model`` is consumed)."""
     if name == "ensemble":
-        members = [_prune_one(m, spec["model"], spec.get("config", {}), in_channels, keep)
-                   for m, spec in zip(model.members, config["members"])]  # fmt: skip
-        target = create_model(name, in_channels=list(in_channels), **pruned_config(name, config, keep))
-        for dst, src in zip(target.members, members):
-            dst.load_state_dict(src.state_dict())
-        return target.eval()
+        return Ensemble([_prune_one(m, spec["model"], spec.get("config", {}), in_channels, keep)
+                         for m, spec in zip(model.members, config["members"])]).eval()  # fmt: skip
     return _prune_one(model, name, config, in_channels, keep)

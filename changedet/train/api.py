@@ -25,11 +25,10 @@ from changedet.errors import InputError
 from changedet.io.writers import write_text
 from changedet.losses import build_loss
 from changedet.models import ChangeModel, create_model
-from changedet.train.checkpointing import checkpoint_metadata
+from changedet.train.checkpointing import checkpoint_metadata, load_weights
 from changedet.train.config import TrainConfig, TrainSettings, load_train_config, merge_overrides
 from changedet.train.objectives import SupervisedObjective
 from changedet.train.results import TrainResult
-from changedet.train.checkpointing import load_weights
 from changedet.train.simsiam import load_encoder_weights, pretrain_simsiam
 from changedet.train.trainer import Trainer
 
